@@ -1,0 +1,1 @@
+"""Speed benchmarks of kljax against peers: ``python -m benchmarks.NAME``."""

@@ -1,0 +1,1 @@
+"""Runnable studies built on kljax's public API: ``python -m experiments.NAME [--quick] --out DIR``."""

@@ -1,0 +1,92 @@
+"""Runs every experiment and writes ``OUT/REPORT.md`` with their key numbers and figures.
+
+    python -m experiments.report --quick --out results
+    python -m experiments.report --quick --out results --only mc_estimators,policy_bandit
+
+An experiment takes part when its module defines ``TITLE``, ``ORDER``, ``main`` and ``report``
+(see ``experiments/_common.py``). A failing experiment is reported in its section and makes the
+command exit non-zero after the others have run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import pathlib
+import pkgutil
+import platform
+import sys
+import time
+import traceback
+
+import experiments
+
+
+def discover() -> list:
+    """The experiment modules that take part in the report, in ``ORDER``."""
+    found = []
+    for info in pkgutil.iter_modules(experiments.__path__):
+        if info.name.startswith("_") or info.name == "report" or info.name.startswith("bench"):
+            continue
+        module = importlib.import_module(f"experiments.{info.name}")
+        if all(hasattr(module, attr) for attr in ("TITLE", "ORDER", "main", "report")):
+            found.append(module)
+    return sorted(found, key=lambda m: (m.ORDER, m.__name__))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="run each experiment at its quick scale")
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results"))
+    parser.add_argument("--only", default="", help="comma-separated experiment names to run")
+    args = parser.parse_args(argv)
+
+    import jax
+
+    modules = discover()
+    if args.only:
+        wanted = set(args.only.split(","))
+        unknown = wanted - {m.__name__.split(".")[-1] for m in modules}
+        if unknown:
+            parser.error(f"unknown experiments: {sorted(unknown)}")
+        modules = [m for m in modules if m.__name__.split(".")[-1] in wanted]
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    scale = "quick" if args.quick else "full"
+    sections, summary_rows, failures = [], [], []
+    for module in modules:
+        name = module.__name__.split(".")[-1]
+        out_dir = args.out / name
+        print(f"[report] running {name} ({scale})", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        try:
+            metrics = module.main((["--quick"] if args.quick else []) + ["--out", str(out_dir)])
+            body = module.report(metrics, pathlib.Path(name))
+            status = "ok"
+        except Exception:  # noqa: BLE001 - the report must say what failed and go on
+            body = "**This experiment failed:**\n\n```\n" + traceback.format_exc() + "```\n"
+            status = "FAILED"
+            failures.append(name)
+        seconds = time.perf_counter() - start
+        summary_rows.append(f"| [{module.TITLE}](#{name}) | `{name}` | {status} | {seconds:.1f} |")
+        sections.append(f'<a id="{name}"></a>\n## {module.TITLE}\n\n'
+                        f"`python -m experiments.{name} {'--quick ' if args.quick else ''}--out {out_dir}`"
+                        f" ({seconds:.1f} s)\n\n{body.strip()}\n")
+        print(f"[report] {name}: {status} in {seconds:.1f} s", file=sys.stderr, flush=True)
+
+    header = (
+        "# kljax experiment report\n\n"
+        f"Generated {datetime.datetime.now().isoformat(timespec='seconds')} at the {scale} scale on "
+        f"{platform.node() or 'this machine'} ({jax.default_backend()}, {jax.device_count()} device(s), "
+        f"jax {jax.__version__}).\n\n"
+        "| experiment | module | status | seconds |\n|---|---|---|---|\n" + "\n".join(summary_rows) + "\n"
+    )
+    (args.out / "REPORT.md").write_text(header + "\n" + "\n".join(sections))
+    print(f"[report] wrote {args.out / 'REPORT.md'}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+"""kljax: JAX-accelerated estimators of Kullback-Leibler divergence.
+
+Modules (see their docstrings):
+    kljax.discrete       exact KL between categorical distributions
+    kljax.distributions  lightweight pytree distributions
+    kljax.analytic       closed-form KL between distributions
+    kljax.mc             Monte Carlo estimators k1, k2, k3 and standard errors
+    kljax.knn            k-nearest-neighbour search and estimators for continuous samples
+    kljax.policy         KL penalties for policy optimisation
+    kljax.drift          two-sample drift statistics
+
+Conventions: P first, Q second, nats, zero-safe (0 * log(0 / q) = 0).
+"""
+
+__version__ = "0.1.0"

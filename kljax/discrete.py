@@ -1,0 +1,676 @@
+"""Exact divergences between categorical distributions.
+
+All functions reduce over one event axis (``axis=-1`` by default) and batch over every other axis;
+they work under ``jax.jit``, ``jax.vmap`` and ``jax.grad`` in float32 and float64, and the output
+dtype follows the input. Results are in nats; ``base=2`` gives bits (any positive ``base != 1``).
+
+Normalisation, decided once for the whole module:
+
+* Probability inputs (``kl``, ``entropy``, ``cross_entropy``, ``jensen_shannon``, ``jeffreys``) are
+  **normalised** along the event axis before use, as ``scipy.stats.entropy`` does. Counts, histograms
+  and vectors that sum to 0.9999999 therefore give the divergence of the distributions they define,
+  and the result is always a true divergence (>= 0).
+* ``kl_logits`` takes unnormalised logits and normalises them with a softmax.
+* ``kl_log`` takes log-probabilities **as given** (no renormalisation). It is the cheap path for
+  outputs that already are log-probabilities (``jax.nn.log_softmax``, a distribution's ``log_prob``);
+  use ``kl_logits`` when they might not be normalised.
+
+Zeros follow information theory's conventions: ``0 log(0 / q) = 0`` in value and in gradient (the
+derivative with respect to a zero probability is defined as 0; see ``kljax._math``), and ``p > 0``
+where ``q = 0`` gives ``+inf``, never NaN.
+
+Bad input: eagerly (concrete arrays) a ``TypeError``/``ValueError`` naming the argument; shape and
+dtype problems raise at trace time under ``jax.jit`` as well; under ``jax.jit`` a value problem
+(negative or NaN probability, NaN or ``+inf`` logit, a slice without mass) gives NaN.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import operator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from kljax._math import rel_entr, sum_rel_entr_from_logs, xlogx, xlogy
+from kljax._validation import as_float_array, check_same_shape, is_concrete, normalize_axis
+
+__all__ = [
+    "kl",
+    "kl_logits",
+    "kl_log",
+    "entropy",
+    "cross_entropy",
+    "jensen_shannon",
+    "jeffreys",
+    "histogram_kl",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Input handling
+#
+# Static checks (dtype, shape, axis, mask shape) run on every call, so they also raise at trace time
+# under jit. Value checks run only on concrete input and on the host with NumPy: one transfer and no
+# per-shape compilation of a dozen tiny reductions. The numerics run in jitted cores, so an eager call
+# compiles one program per shape instead of dispatching op by op.
+
+
+def _float_pair(name_a: str, a, name_b: str, b, axis) -> tuple[jax.Array, jax.Array, int]:
+    """Two floating arrays of one common dtype and the same shape (checked statically), and the axis."""
+    a = as_float_array(name_a, a)
+    b = as_float_array(name_b, b)
+    dtype = jnp.result_type(a.dtype, b.dtype)
+    a, b = a.astype(dtype), b.astype(dtype)
+    axis = _event_axis(name_a, a, axis)
+    if a.ndim == b.ndim and a.shape != b.shape:
+        batch_a = a.shape[:axis] + a.shape[axis + 1 :]
+        batch_b = b.shape[:axis] + b.shape[axis + 1 :]
+        if batch_a == batch_b:
+            raise ValueError(
+                f"`{name_a}` and `{name_b}` must have the same number of categories along axis {axis}, "
+                f"got {a.shape[axis]} and {b.shape[axis]} (shapes {a.shape} and {b.shape})."
+            )
+    check_same_shape(name_a, a, name_b, b)
+    return a, b, axis
+
+
+def _event_axis(name: str, x: jax.Array, axis) -> int:
+    try:
+        axis = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"`axis` must be an int, got {axis!r}.") from None
+    return normalize_axis(name, x, axis)
+
+
+def _log_base(base):
+    """``log(base)`` as a Python float (or a traced scalar); 1.0 for nats."""
+    if base is None:
+        return 1.0
+    if is_concrete(base):
+        if np.ndim(base) != 0:
+            raise ValueError(f"`base` must be a scalar, got shape {np.shape(base)}.")
+        value = float(base)
+        if not (value > 0 and value != 1 and np.isfinite(value)):
+            raise ValueError(f"`base` must be a positive number other than 1, got {base!r}.")
+        return math.log(value)
+    return jnp.log(base)
+
+
+def _mask(where, shape: tuple[int, ...]):
+    """Validates a boolean mask that broadcasts to ``shape`` (NumPy rules); ``None`` passes through."""
+    if where is None:
+        return None
+    if not hasattr(where, "dtype"):
+        where = np.asarray(where)
+    if where.dtype != bool:
+        raise TypeError(f"`where` must be a boolean mask, got dtype {where.dtype}.")
+    try:
+        broadcast = np.broadcast_shapes(np.shape(where), shape)
+    except ValueError:
+        broadcast = None
+    if broadcast != tuple(shape):
+        raise ValueError(f"`where` of shape {np.shape(where)} does not broadcast to the input shape {shape}.")
+    return where
+
+
+def _host_values(x, mask, fill):
+    """Concrete ``x`` as a NumPy array with masked-out entries replaced by ``fill``; else ``None``."""
+    if not is_concrete(x) or (mask is not None and not is_concrete(mask)):
+        return None
+    values = np.asarray(x)
+    if values.dtype not in (np.float16, np.float32, np.float64):
+        values = values.astype(np.float32)  # e.g. bfloat16, for NumPy's ufuncs
+    if mask is not None:
+        values = np.where(np.asarray(mask), values, fill)
+    return values
+
+
+def _check_probabilities(name: str, x: jax.Array, axis: int, mask=None) -> None:
+    """Eagerly: no NaN, no negative or infinite entry, and some mass in every slice (kept entries)."""
+    values = _host_values(x, mask, 0.0)
+    if values is None:
+        return
+    if np.isnan(values).any():
+        raise ValueError(f"`{name}` contains NaN.")
+    if (values < 0).any():
+        raise ValueError(f"`{name}` has negative entries (min {values.min()}); probabilities must be >= 0.")
+    if np.isinf(values).any():
+        raise ValueError(f"`{name}` has infinite entries; probabilities must be finite.")
+    if not (values > 0).any(axis=axis).all():
+        raise ValueError(
+            f"`{name}` has a slice along axis {axis} with no probability mass "
+            "(all entries zero or masked out)."
+        )
+
+
+def _check_logits(name: str, x: jax.Array, axis: int, mask=None, kind: str = "logits") -> None:
+    """Eagerly: no NaN or ``+inf``, and at least one entry above ``-inf`` per slice (kept entries)."""
+    values = _host_values(x, mask, -np.inf)
+    if values is None:
+        return
+    if np.isnan(values).any():
+        raise ValueError(f"`{name}` contains NaN.")
+    if (values == np.inf).any():
+        raise ValueError(f"`{name}` contains +inf; {kind} must be finite or -inf.")
+    if not (values > -np.inf).any(axis=axis).all():
+        raise ValueError(
+            f"`{name}` has a slice along axis {axis} whose entries are all -inf or masked out "
+            "(no probability mass)."
+        )
+
+
+def _normalize(p: jax.Array, axis: int) -> jax.Array:
+    """``p / sum(p)`` along ``axis``; NaN wherever the raw entry was negative or NaN.
+
+    The NaN is put in before dividing because a slice of only negative entries would otherwise
+    normalise to a valid-looking distribution under ``jit`` (API.md: a value problem gives NaN).
+    A slice without mass gives 0 / 0 = NaN by itself.
+    """
+    total = jnp.sum(p, axis=axis, keepdims=True)
+    return jnp.where(p >= 0, p / total, jnp.full_like(p, jnp.nan))
+
+
+def _masked(x: jax.Array, mask, fill: float) -> jax.Array:
+    if mask is None:
+        return x
+    return jnp.where(jnp.broadcast_to(mask, x.shape), x, jnp.full_like(x, fill))
+
+
+def _nonnegative(value: jax.Array) -> jax.Array:
+    """Clips rounding noise below zero; NaN stays NaN (``jnp.maximum`` propagates it)."""
+    return jnp.maximum(value, jnp.zeros_like(value))
+
+
+def _in_base(nats: jax.Array, log_base) -> jax.Array:
+    """Divides by ``log(base)`` in the value's own dtype (a float64 ``log_base`` must not promote)."""
+    return nats / jnp.asarray(log_base).astype(nats.dtype)
+
+
+def _validated_probability_pair(p, q, axis, where):
+    p, q, axis = _float_pair("p", p, "q", q, axis)
+    mask = _mask(where, p.shape)
+    _check_probabilities("p", p, axis, mask)
+    _check_probabilities("q", q, axis, mask)
+    return p, q, axis, mask
+
+
+# --------------------------------------------------------------------------------------------------
+# Divergences
+
+
+def kl(p, q, *, axis: int = -1, where=None, base: float | None = None) -> jax.Array:
+    """Kullback-Leibler divergence ``D(P || Q) = sum_i p_i log(p_i / q_i)`` between categoricals.
+
+    ``p`` and ``q`` are normalised along ``axis`` first (so counts or unnormalised weights are fine),
+    which matches ``scipy.stats.entropy(p, q)``.
+
+    Args:
+        p: probabilities (or non-negative weights) of P, float array, event axis ``axis``.
+        q: probabilities (or non-negative weights) of Q, same shape as ``p``.
+        axis: the event axis; every other axis is a batch axis.
+        where: optional boolean mask broadcastable to ``p.shape``; entries where it is False are
+            dropped entirely, and ``p`` and ``q`` are normalised over the kept entries only (the
+            divergence between the two distributions conditioned on the kept categories).
+        base: logarithm base of the result; ``None`` means nats, ``2`` bits.
+
+    Returns:
+        ``D(P || Q) >= 0`` with the event axis removed; ``+inf`` where ``p_i > 0`` and ``q_i = 0``.
+        Dtype: the common dtype of ``p`` and ``q``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from kljax.discrete import kl
+        >>> p = jnp.array([0.5, 0.5, 0.0])
+        >>> q = jnp.array([0.25, 0.25, 0.5])
+        >>> print(round(float(kl(p, q)), 4), round(float(kl(p, q, base=2)), 4))
+        0.6931 1.0
+        >>> print(kl(q, p))  # Q puts mass where P has none
+        inf
+
+    References:
+        Kullback, S. and Leibler, R. A. (1951). On information and sufficiency. Ann. Math. Statist.
+        22(1), 79-86. https://doi.org/10.1214/aoms/1177729694
+        Cover, T. M. and Thomas, J. A. (2006). Elements of Information Theory, 2nd ed., Sec. 2.3.
+    """
+    log_base = _log_base(base)
+    p, q, axis, mask = _validated_probability_pair(p, q, axis, where)
+    return _kl_core(p, q, mask, log_base, axis=axis)
+
+
+@functools.partial(jax.jit, static_argnames="axis")
+def _kl_core(p, q, mask, log_base, *, axis):
+    p, q = _normalize(_masked(p, mask, 0.0), axis), _normalize(_masked(q, mask, 0.0), axis)
+    return _in_base(_nonnegative(jnp.sum(rel_entr(p, q), axis=axis)), log_base)
+
+
+def _shift_by_max(x: jax.Array, axis: int) -> jax.Array:
+    """``x - max(x)`` along ``axis``; the max is held constant (KL is shift invariant).
+
+    An all ``-inf`` slice is shifted by the most negative finite number instead of ``-inf`` so that
+    it stays ``-inf`` rather than turning into NaN (its invalidity is reported by the caller).
+    """
+    # The finite initial value (rather than a select on the result) keeps the max-exp-sum chain one
+    # fused kernel on XLA:CPU.
+    lowest = np.array(jnp.finfo(x.dtype).min, dtype=x.dtype)
+    top = lax.reduce(lax.stop_gradient(x), lowest, lax.max, (axis % x.ndim,))
+    return x - jnp.expand_dims(top, axis)
+
+
+def kl_logits(logits_p, logits_q, *, axis: int = -1, where=None, base: float | None = None) -> jax.Array:
+    """KL divergence ``D(softmax(logits_p) || softmax(logits_q))`` from unnormalised logits.
+
+    Computed in log-softmax space, ``sum_i p_i (log p_i - log q_i)`` with every log-probability
+    formed as ``(x_i - max x) - log sum_j exp(x_j - max x)``, so float32 logits of magnitude 1e4
+    stay accurate. A ``-inf`` logit is a category with probability zero.
+
+    Args:
+        logits_p: logits of P (any real shift), float array, event axis ``axis``; entries may be
+            ``-inf`` but not ``+inf`` or NaN.
+        logits_q: logits of Q, same shape as ``logits_p``.
+        axis: the event axis; every other axis is a batch axis.
+        where: optional boolean mask broadcastable to the logits' shape. Entries where it is False
+            are excluded from the softmax normalisation and from the sum, exactly as if both
+            logits were ``-inf`` there (e.g. a padded or disallowed vocabulary).
+        base: logarithm base of the result; ``None`` means nats, ``2`` bits.
+
+    Returns:
+        ``D(P || Q) >= 0`` with the event axis removed (``+inf`` where ``logits_q`` is ``-inf`` on a
+        category that P supports), in the common dtype of the inputs.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from kljax.discrete import kl_logits
+        >>> a = jnp.array([1e4, 1e4 - 1.0, -jnp.inf], dtype=jnp.float32)
+        >>> b = jnp.array([0.0, 0.0, 0.0], dtype=jnp.float32)
+        >>> print(round(float(kl_logits(a, b)), 4))
+        0.5164
+
+    References:
+        Blanchard, P., Higham, D. J. and Higham, N. J. (2021). Accurately computing the log-sum-exp
+        and softmax functions. IMA J. Numer. Anal. 41(4), 2311-2330.
+        https://doi.org/10.1093/imanum/draa038
+        Cover, T. M. and Thomas, J. A. (2006). Elements of Information Theory, 2nd ed., Sec. 2.3.
+    """
+    log_base = _log_base(base)
+    a, b, axis = _float_pair("logits_p", logits_p, "logits_q", logits_q, axis)
+    mask = _mask(where, a.shape)
+    _check_logits("logits_p", a, axis, mask)
+    _check_logits("logits_q", b, axis, mask)
+    return _kl_logits_core(a, b, mask, log_base, axis=axis)
+
+
+@functools.partial(jax.jit, static_argnames="axis")
+def _kl_logits_core(a, b, mask, log_base, *, axis):
+    a, b = _masked(a, mask, -jnp.inf), _masked(b, mask, -jnp.inf)
+    # With s = x - max x and Z = sum exp(s):  KL = (1/Z_p) sum exp(s_p) (s_p - s_q) + log Z_q - log Z_p,
+    # using sum_i p_i = 1. Each of Z_p, Z_q and the weighted sum is one max-then-reduce chain that the
+    # CPU compiler fuses into a single kernel (three reads of each input, no full-size temporary); the
+    # optimisation barrier stops common-subexpression elimination from merging the chains' shared
+    # `max`/`exp`, which would otherwise split them and write full-size intermediates to memory
+    # (measured ~2x slower on 256 x 32768 float32).
+    z_p = jnp.sum(jnp.exp(_shift_by_max(a, axis)), axis=axis)
+    z_q = jnp.sum(jnp.exp(_shift_by_max(b, axis)), axis=axis)
+    a_weighted, b_weighted = lax.optimization_barrier((a, b))
+    weighted = sum_rel_entr_from_logs(
+        a_weighted, b_weighted, axis, prepare=lambda a, b: (_shift_by_max(a, axis), _shift_by_max(b, axis))
+    )
+    value = weighted / z_p + (jnp.log(z_q) - jnp.log(z_p))
+    return _in_base(_nonnegative(value), log_base)
+
+
+def kl_log(log_p, log_q, *, axis: int = -1, where=None, base: float | None = None) -> jax.Array:
+    """KL divergence ``sum_i exp(log_p_i) (log_p_i - log_q_i)`` from log-probabilities taken as given.
+
+    No renormalisation is done: this is the one-pass path for inputs that already are normalised
+    log-probabilities. If they might not be, use :func:`kl_logits` (which normalises); for
+    unnormalised input the sum here is not a divergence and can be negative, so it is deliberately
+    not clipped at zero.
+
+    Args:
+        log_p: log-probabilities of P, float array, event axis ``axis``; ``-inf`` allowed (zero
+            probability), ``+inf`` and NaN are not.
+        log_q: log-probabilities of Q, same shape as ``log_p``.
+        axis: the event axis; every other axis is a batch axis.
+        where: optional boolean mask broadcastable to ``log_p.shape``; entries where it is False
+            are left out of the sum (nothing is renormalised, so they should carry no mass of P).
+        base: logarithm base of the result; ``None`` means nats, ``2`` bits.
+
+    Returns:
+        ``D(P || Q)`` with the event axis removed (``+inf`` where ``log_q = -inf`` on P's support),
+        in the common dtype of the inputs.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from kljax.discrete import kl_log
+        >>> log_p = jax.nn.log_softmax(jnp.array([2.0, 1.0, 0.0]))
+        >>> log_q = jax.nn.log_softmax(jnp.array([0.0, 1.0, 2.0]))
+        >>> print(round(float(kl_log(log_p, log_q)), 4))
+        1.1504
+
+    References:
+        Cover, T. M. and Thomas, J. A. (2006). Elements of Information Theory, 2nd ed., Sec. 2.3.
+    """
+    log_base = _log_base(base)
+    log_p, log_q, axis = _float_pair("log_p", log_p, "log_q", log_q, axis)
+    mask = _mask(where, log_p.shape)
+    _check_logits("log_p", log_p, axis, mask, kind="log-probabilities")
+    _check_logits("log_q", log_q, axis, mask, kind="log-probabilities")
+    return _kl_log_core(log_p, log_q, mask, log_base, axis=axis)
+
+
+@functools.partial(jax.jit, static_argnames="axis")
+def _kl_log_core(log_p, log_q, mask, log_base, *, axis):
+    log_p, log_q = _masked(log_p, mask, -jnp.inf), _masked(log_q, mask, 0.0)
+    return _in_base(sum_rel_entr_from_logs(log_p, log_q, axis), log_base)
+
+
+def entropy(p, *, axis: int = -1, base: float | None = None) -> jax.Array:
+    """Shannon entropy ``H(P) = -sum_i p_i log p_i`` of a categorical distribution.
+
+    ``p`` is normalised along ``axis`` first, as in ``scipy.stats.entropy(p)``.
+
+    Args:
+        p: probabilities (or non-negative weights), float array, event axis ``axis``.
+        axis: the event axis; every other axis is a batch axis.
+        base: logarithm base of the result; ``None`` means nats, ``2`` bits.
+
+    Returns:
+        ``H(P) >= 0`` with the event axis removed, in the dtype of ``p``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from kljax.discrete import entropy
+        >>> print(round(float(entropy(jnp.array([0.25, 0.25, 0.5, 0.0]), base=2)), 4))
+        1.5
+
+    References:
+        Shannon, C. E. (1948). A mathematical theory of communication. Bell Syst. Tech. J. 27(3),
+        379-423, Theorem 2. Cover, T. M. and Thomas, J. A. (2006). Elements of Information Theory,
+        2nd ed., Sec. 2.1.
+    """
+    log_base = _log_base(base)
+    p = as_float_array("p", p)
+    axis = _event_axis("p", p, axis)
+    _check_probabilities("p", p, axis)
+    return _entropy_core(p, log_base, axis=axis)
+
+
+@functools.partial(jax.jit, static_argnames="axis")
+def _entropy_core(p, log_base, *, axis):
+    return _in_base(_nonnegative(-jnp.sum(xlogx(_normalize(p, axis)), axis=axis)), log_base)
+
+
+def cross_entropy(p, q, *, axis: int = -1, base: float | None = None) -> jax.Array:
+    """Cross-entropy ``H(P, Q) = -sum_i p_i log q_i = H(P) + D(P || Q)``.
+
+    Both inputs are normalised along ``axis`` first, like :func:`kl`.
+
+    Args:
+        p: probabilities (or non-negative weights) of P, float array, event axis ``axis``.
+        q: probabilities (or non-negative weights) of Q, same shape as ``p``.
+        axis: the event axis; every other axis is a batch axis.
+        base: logarithm base of the result; ``None`` means nats, ``2`` bits.
+
+    Returns:
+        ``H(P, Q)`` with the event axis removed; ``+inf`` where ``p_i > 0`` and ``q_i = 0``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from kljax.discrete import cross_entropy
+        >>> print(round(float(cross_entropy(jnp.array([0.5, 0.5]), jnp.array([0.25, 0.75]))), 4))
+        0.8370
+
+    References:
+        Cover, T. M. and Thomas, J. A. (2006). Elements of Information Theory, 2nd ed., Sec. 2.3 and
+        Sec. 5.4 (the wrong-code penalty: coding P with a code for Q costs H(P) + D(P || Q)).
+    """
+    log_base = _log_base(base)
+    p, q, axis, _ = _validated_probability_pair(p, q, axis, None)
+    return _cross_entropy_core(p, q, log_base, axis=axis)
+
+
+@functools.partial(jax.jit, static_argnames="axis")
+def _cross_entropy_core(p, q, log_base, *, axis):
+    p, q = _normalize(p, axis), _normalize(q, axis)
+    return _in_base(_nonnegative(-jnp.sum(xlogy(p, q), axis=axis)), log_base)
+
+
+def jensen_shannon(p, q, *, axis: int = -1, base: float | None = None) -> jax.Array:
+    """Jensen-Shannon divergence ``(D(P || M) + D(Q || M)) / 2`` with ``M = (P + Q) / 2``.
+
+    Symmetric, finite (at most ``log 2``, i.e. 1 bit) and its square root is a metric. Inputs are
+    normalised along ``axis`` first. ``scipy.spatial.distance.jensenshannon`` returns the square
+    root of this value.
+
+    Args:
+        p: probabilities (or non-negative weights) of P, float array, event axis ``axis``.
+        q: probabilities (or non-negative weights) of Q, same shape as ``p``.
+        axis: the event axis; every other axis is a batch axis.
+        base: logarithm base of the result; ``None`` means nats, ``2`` bits.
+
+    Returns:
+        ``JS(P, Q)`` in ``[0, log 2]`` with the event axis removed.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from kljax.discrete import jensen_shannon
+        >>> print(round(float(jensen_shannon(jnp.array([1.0, 0.0]), jnp.array([0.0, 1.0]), base=2)), 4))
+        1.0
+
+    References:
+        Lin, J. (1991). Divergence measures based on the Shannon entropy. IEEE Trans. Inf. Theory
+        37(1), 145-151. https://doi.org/10.1109/18.61115
+        Endres, D. M. and Schindelin, J. E. (2003). A new metric for probability distributions.
+        IEEE Trans. Inf. Theory 49(7), 1858-1860.
+    """
+    log_base = _log_base(base)
+    p, q, axis, _ = _validated_probability_pair(p, q, axis, None)
+    return _jensen_shannon_core(p, q, log_base, axis=axis)
+
+
+@functools.partial(jax.jit, static_argnames="axis")
+def _jensen_shannon_core(p, q, log_base, *, axis):
+    p, q = _normalize(p, axis), _normalize(q, axis)
+    mixture = (p + q) / 2
+    value = jnp.sum(rel_entr(p, mixture) + rel_entr(q, mixture), axis=axis) / 2
+    return _in_base(_nonnegative(value), log_base)
+
+
+def jeffreys(p, q, *, axis: int = -1, base: float | None = None) -> jax.Array:
+    """Jeffreys divergence ``J(P, Q) = D(P || Q) + D(Q || P) = sum_i (p_i - q_i) log(p_i / q_i)``.
+
+    Symmetric; ``+inf`` unless P and Q have the same support. Inputs are normalised along ``axis``.
+
+    Args:
+        p: probabilities (or non-negative weights) of P, float array, event axis ``axis``.
+        q: probabilities (or non-negative weights) of Q, same shape as ``p``.
+        axis: the event axis; every other axis is a batch axis.
+        base: logarithm base of the result; ``None`` means nats, ``2`` bits.
+
+    Returns:
+        ``J(P, Q) >= 0`` with the event axis removed.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from kljax.discrete import jeffreys
+        >>> print(round(float(jeffreys(jnp.array([0.5, 0.5]), jnp.array([0.25, 0.75]))), 4))
+        0.2747
+
+    References:
+        Jeffreys, H. (1946). An invariant form for the prior probability in estimation problems.
+        Proc. R. Soc. Lond. A 186(1007), 453-461. https://doi.org/10.1098/rspa.1946.0056
+        Kullback, S. and Leibler, R. A. (1951). On information and sufficiency. Ann. Math. Statist.
+        22(1), 79-86 (the divergence J(1, 2)).
+    """
+    log_base = _log_base(base)
+    p, q, axis, _ = _validated_probability_pair(p, q, axis, None)
+    return _jeffreys_core(p, q, log_base, axis=axis)
+
+
+@functools.partial(jax.jit, static_argnames="axis")
+def _jeffreys_core(p, q, log_base, *, axis):
+    p, q = _normalize(p, axis), _normalize(q, axis)
+    return _in_base(_nonnegative(jnp.sum(rel_entr(p, q) + rel_entr(q, p), axis=axis)), log_base)
+
+
+# --------------------------------------------------------------------------------------------------
+# Binned samples
+
+
+def _histogram_bins(x: jax.Array, y: jax.Array, bins, range):
+    """Validated ``(edges, low, high, num_bins)``: edges given, or a range (``None``: pooled)."""
+    if isinstance(bins, (bool, np.bool_)):
+        raise TypeError(f"`bins` must be an int or a 1-D array of bin edges, got {bins!r}.")
+    if not isinstance(bins, (int, np.integer)):
+        try:
+            edges = jnp.asarray(bins, dtype=x.dtype)
+        except (TypeError, ValueError):
+            raise TypeError(f"`bins` must be an int or a 1-D array of bin edges, got {bins!r}.") from None
+        if edges.ndim != 1 or edges.shape[0] < 2:
+            raise ValueError(f"`bins` as edges must be 1-D with at least 2 entries, got shape {edges.shape}.")
+        if range is not None:
+            raise ValueError("`range` must be None when `bins` gives the bin edges.")
+        if is_concrete(edges) and not (np.diff(np.asarray(edges, dtype=np.float64)) > 0).all():
+            raise ValueError("`bins` edges must be strictly increasing.")
+        return edges, None, None, edges.shape[0] - 1
+    bins = operator.index(bins)
+    if bins < 1:
+        raise ValueError(f"`bins` must be >= 1, got {bins}.")
+    if range is None:
+        for name, samples in (("x", x), ("y", y)):
+            values = _host_values(samples, None, 0.0)
+            if values is not None and np.isinf(values).any():
+                raise ValueError(
+                    f"`{name}` has infinite samples; pass `range` (the pooled range would be infinite)."
+                )
+        return None, None, None, bins
+    if len(range) != 2:
+        raise ValueError(f"`range` must be a pair (low, high), got {range!r}.")
+    low, high = range
+    if is_concrete(low) and is_concrete(high) and not (-np.inf < float(low) < float(high) < np.inf):
+        raise ValueError(f"`range` must be finite with low < high, got {range!r}.")
+    return None, low, high, bins
+
+
+@functools.partial(jax.jit, static_argnames="num_bins")
+def _histogram_kl_core(x, y, edges, low, high, pseudocount, log_base, *, num_bins):
+    dtype = x.dtype
+    if edges is None:
+        if low is None:
+            low = jnp.minimum(jnp.min(x), jnp.min(y))
+            high = jnp.maximum(jnp.max(x), jnp.max(y))
+            # numpy.histogram's convention for an empty interval: widen it by 1/2 on each side.
+            half = jnp.asarray(0.5, dtype)
+            empty = low == high
+            low, high = jnp.where(empty, low - half, low), jnp.where(empty, high + half, high)
+        low, high = jnp.asarray(low, dtype), jnp.asarray(high, dtype)
+        edges = jnp.linspace(low, high, num_bins + 1, dtype=dtype)
+        counts_x, counts_y = (_equal_width_counts(s, edges, low, high) for s in (x, y))
+    else:
+        counts_x, counts_y = (_edge_counts(s, edges) for s in (x, y))
+    pseudocount = jnp.asarray(pseudocount, dtype)
+    value = _kl_core(counts_x + pseudocount, counts_y + pseudocount, None, log_base, axis=0)
+    # Under jit NaN samples, a negative pseudocount or an infinite pooled range cannot raise: make
+    # them visible as NaN instead of a finite number.
+    valid = ~(jnp.any(jnp.isnan(x)) | jnp.any(jnp.isnan(y))) & (pseudocount >= 0)
+    valid = valid & jnp.all(jnp.isfinite(edges))
+    return jnp.where(valid, value, jnp.full_like(value, jnp.nan))
+
+
+def _edge_counts(samples: jax.Array, edges: jax.Array) -> jax.Array:
+    """Counts per bin ``[e_k, e_k+1)`` (last bin closed); samples outside go to the end bins."""
+    num_bins = edges.shape[0] - 1
+    index = jnp.searchsorted(edges, samples, side="right") - 1
+    return jnp.bincount(jnp.clip(index, 0, num_bins - 1), length=num_bins).astype(samples.dtype)
+
+
+def _equal_width_counts(samples, edges, low, high):
+    """Like :func:`_edge_counts` for equal-width edges, in O(n): the bin index is computed, then
+    corrected by one against the edges where rounding put it off by one (numpy.histogram's method)."""
+    num_bins = edges.shape[0] - 1
+    index = jnp.floor((samples - low) * (num_bins / (high - low)))
+    index = jnp.clip(jnp.nan_to_num(index), 0, num_bins - 1).astype(jnp.int32)
+    index = index - (samples < edges[index]).astype(jnp.int32)
+    index = index + ((samples >= edges[index + 1]) & (index < num_bins - 1)).astype(jnp.int32)
+    return jnp.bincount(jnp.clip(index, 0, num_bins - 1), length=num_bins).astype(samples.dtype)
+
+
+def histogram_kl(
+    x,
+    y,
+    *,
+    bins=20,
+    range: tuple[float, float] | None = None,
+    pseudocount: float = 0.5,
+    base: float | None = None,
+) -> jax.Array:
+    """KL divergence between the histograms of samples ``x ~ P`` and ``y ~ Q`` on shared bins.
+
+    Both samples are binned on the same edges, ``pseudocount`` is added to every bin of both
+    histograms, and the result is ``kl(counts_x + pseudocount, counts_y + pseudocount)``.
+
+    Bins: with ``bins`` an int and ``range=None`` the edges span the pooled range
+    ``[min(x, y), max(x, y)]``, because a KL needs both histograms on one common support and pooling
+    guarantees that no sample of either set falls outside it. For drift monitoring, fix ``range``
+    (or pass the edges as ``bins``) from the reference sample so that successive windows are scored
+    on the same bins; samples outside a given range are counted in the first or last bin rather
+    than dropped, since values beyond the reference range are exactly the drift one wants to see.
+
+    Pseudocount: an empty bin of ``y`` under a non-empty bin of ``x`` would make the plug-in KL
+    infinite. The default 0.5 is the Krichevsky-Trofimov (Jeffreys-prior) estimate of each bin
+    probability, ``(n_k + 1/2) / (n + K/2)``; 1 gives Laplace's rule, 0 the raw frequencies.
+    The plug-in estimate is biased (upwards by roughly ``(K - 1) / (2 m)`` nats for ``m`` samples of
+    Q when P = Q; Paninski 2003), so compare values across windows of equal size and bin count.
+
+    ``jax.jit`` works when ``bins`` is static (an int closed over or a concrete edge array) with or
+    without ``range``; e.g. ``jax.jit(functools.partial(histogram_kl, bins=20))``.
+
+    Args:
+        x: 1-D float samples from P.
+        y: 1-D float samples from Q (its length may differ from ``x``'s).
+        bins: number of equal-width bins (int), or a 1-D increasing array of bin edges.
+        range: ``(low, high)`` of the equal-width bins; ``None`` means the pooled sample range.
+            Must be ``None`` when ``bins`` gives edges.
+        pseudocount: non-negative count added to every bin of both histograms.
+        base: logarithm base of the result; ``None`` means nats, ``2`` bits.
+
+    Returns:
+        The scalar plug-in estimate of ``D(P || Q)`` in the common dtype of ``x`` and ``y``.
+
+    Example:
+        >>> import numpy as np
+        >>> from kljax.discrete import histogram_kl
+        >>> rng = np.random.default_rng(0)
+        >>> x, y = rng.normal(0.0, 1.0, 4000), rng.normal(1.0, 1.0, 4000)
+        >>> print(round(float(histogram_kl(x, y, bins=30, range=(-5.0, 6.0))), 1))  # exact KL: 0.5
+        0.5
+
+    References:
+        Krichevsky, R. and Trofimov, V. (1981). The performance of universal encoding. IEEE Trans.
+        Inf. Theory 27(2), 199-207. https://doi.org/10.1109/TIT.1981.1056331
+        Paninski, L. (2003). Estimation of entropy and mutual information. Neural Comput. 15(6),
+        1191-1253, Sec. 4 (bias of plug-in estimators).
+    """
+    log_base = _log_base(base)
+    x = as_float_array("x", x)
+    y = as_float_array("y", y)
+    dtype = jnp.result_type(x.dtype, y.dtype)
+    x, y = x.astype(dtype), y.astype(dtype)
+    for name, samples in (("x", x), ("y", y)):
+        if samples.ndim != 1:
+            raise ValueError(f"`{name}` must be a 1-D array of samples, got shape {samples.shape}.")
+        if samples.shape[0] == 0:
+            raise ValueError(f"`{name}` is empty.")
+        values = _host_values(samples, None, 0.0)
+        if values is not None and np.isnan(values).any():
+            raise ValueError(f"`{name}` contains NaN.")
+    if np.ndim(pseudocount) != 0:
+        raise ValueError(f"`pseudocount` must be a scalar, got shape {np.shape(pseudocount)}.")
+    if is_concrete(pseudocount) and not float(pseudocount) >= 0:
+        raise ValueError(f"`pseudocount` must be >= 0, got {float(pseudocount)}.")
+    edges, low, high, num_bins = _histogram_bins(x, y, bins, range)
+    return _histogram_kl_core(x, y, edges, low, high, pseudocount, log_base, num_bins=num_bins)
