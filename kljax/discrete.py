@@ -306,20 +306,49 @@ def kl_logits(logits_p, logits_q, *, axis: int = -1, where=None, base: float | N
 @functools.partial(jax.jit, static_argnames="axis")
 def _kl_logits_core(a, b, mask, log_base, *, axis):
     a, b = _masked(a, mask, -jnp.inf), _masked(b, mask, -jnp.inf)
-    # With s = x - max x and Z = sum exp(s):  KL = (1/Z_p) sum exp(s_p) (s_p - s_q) + log Z_q - log Z_p,
-    # using sum_i p_i = 1. Each of Z_p, Z_q and the weighted sum is one max-then-reduce chain that the
-    # CPU compiler fuses into a single kernel (three reads of each input, no full-size temporary); the
+    return _in_base(_nonnegative(_kl_logits_nats(a, b, axis)), log_base)
+
+
+def _kl_logits_parts(a, b, axis):
+    """``(KL, log Z_p, log Z_q)`` with ``Z = sum exp(x - max x)`` along ``axis``."""
+    # KL = (1/Z_p) sum exp(s_p) (s_p - s_q) + log Z_q - log Z_p with s = x - max x, using
+    # sum_i p_i = 1. Each of Z_p, Z_q and the weighted sum is one max-then-reduce chain that the CPU
+    # compiler fuses into a single kernel (three reads of each input, no full-size temporary); the
     # optimisation barrier stops common-subexpression elimination from merging the chains' shared
     # `max`/`exp`, which would otherwise split them and write full-size intermediates to memory
     # (measured ~2x slower on 256 x 32768 float32).
-    z_p = jnp.sum(jnp.exp(_shift_by_max(a, axis)), axis=axis)
-    z_q = jnp.sum(jnp.exp(_shift_by_max(b, axis)), axis=axis)
+    log_z_p = jnp.log(jnp.sum(jnp.exp(_shift_by_max(a, axis)), axis=axis))
+    log_z_q = jnp.log(jnp.sum(jnp.exp(_shift_by_max(b, axis)), axis=axis))
     a_weighted, b_weighted = lax.optimization_barrier((a, b))
     weighted = sum_rel_entr_from_logs(
         a_weighted, b_weighted, axis, prepare=lambda a, b: (_shift_by_max(a, axis), _shift_by_max(b, axis))
     )
-    value = weighted / z_p + (jnp.log(z_q) - jnp.log(z_p))
-    return _in_base(_nonnegative(value), log_base)
+    return weighted * jnp.exp(-log_z_p) + (log_z_q - log_z_p), log_z_p, log_z_q
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _kl_logits_nats(a, b, axis):
+    return _kl_logits_parts(a, b, axis)[0]
+
+
+@_kl_logits_nats.defjvp
+def _kl_logits_nats_jvp(axis, primals, tangents):
+    # Closed form (softmax Jacobian): dKL/da_i = p_i (log p_i - log q_i - KL), dKL/db_i = q_i - p_i.
+    # Differentiating the fused forward pass instead would be about twice as slow, and this form
+    # is exactly 0 at zero probabilities by construction.
+    a, b = primals
+    tangent_a, tangent_b = tangents
+    value, log_z_p, log_z_q = _kl_logits_parts(a, b, axis)
+    log_p = _shift_by_max(a, axis) - jnp.expand_dims(log_z_p, axis)
+    log_q = _shift_by_max(b, axis) - jnp.expand_dims(log_z_q, axis)
+    p, q = jnp.exp(log_p), jnp.exp(log_q)
+    in_support = p > 0
+    # Double where: log_p - log_q is -inf - -inf = NaN where p = q = 0, and must not leak into
+    # higher derivatives.
+    log_ratio = jnp.where(in_support, log_p - log_q, jnp.zeros_like(log_p))
+    weight_a = jnp.where(in_support, p * (log_ratio - jnp.expand_dims(value, axis)), jnp.zeros_like(p))
+    tangent = jnp.sum(tangent_a * weight_a, axis=axis) + jnp.sum(tangent_b * (q - p), axis=axis)
+    return value, tangent
 
 
 def kl_log(log_p, log_q, *, axis: int = -1, where=None, base: float | None = None) -> jax.Array:
