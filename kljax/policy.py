@@ -1,0 +1,479 @@
+"""KL penalties for policy optimisation: where the KL goes changes the gradient you get.
+
+A policy pi_theta is regularised towards a fixed reference pi_ref with a penalty beta * KL(pi || pi_ref)
+(PPO, RLHF, GRPO). With actions a ~ pi sampled on-policy, the KL has to be *estimated*, and the
+estimate can enter training in two places:
+
+* **in the reward** (``k1_reward``): r(a) - beta * k1(a) with k1 = log pi(a) - log pi_ref(a), treated as a
+  constant and multiplied by the score log pi(a) (REINFORCE);
+* **as a loss** differentiated by automatic differentiation (``k1_loss``, ``k2_loss``, ``k3_loss``,
+  ``k3_loss_is``), with k1, k2, k3 the per-sample terms of Schulman (2020).
+
+All functions here are *surrogate losses to minimise*, one value per sampled action; average them
+over the batch and add ``beta * surrogate`` to the reward's policy-gradient loss. Their gradients
+with respect to the policy's parameters, in expectation over a ~ pi, are (Tang & Munos 2025):
+
+=================  ===================================  =================================
+surrogate          value (in expectation)               gradient (in expectation)
+=================  ===================================  =================================
+``k1_reward``      KL(pi || pi_ref)                     grad KL(pi || pi_ref)   (correct)
+``k1_loss``        KL(pi || pi_ref)                     0                       (no regularisation)
+``k2_loss``        >= 0, ~ KL near pi_ref               grad KL(pi || pi_ref)   (correct)
+``k3_loss``        KL(pi || pi_ref)                     grad KL(pi_ref || pi)   (the *other* KL)
+``k3_loss_is``     KL(pi || pi_ref)                     grad KL(pi || pi_ref)   (correct)
+``exact_kl``       KL(pi || pi_ref) exactly             grad KL(pi || pi_ref)   exactly
+=================  ===================================  =================================
+
+The k2 and k3 identities need on-policy samples (``k3_loss_is`` also takes a behaviour policy). On-policy
+the three correct sampled placements even share their per-sample gradient, k1(a) * grad log pi(a);
+they differ in value, in baseline and off-policy.
+
+For sequences a ~ pi(. | prefix) token by token, summing per-token surrogates over positions gives
+only a *partial* gradient, because it ignores that earlier tokens change the distribution of later
+prefixes. ``sequence_k1_reward`` and ``sequence_exact_kl`` are the sequence-level surrogates whose
+expected gradient is the gradient of the sequence KL.
+
+The KL coefficient itself can be controlled: ``adaptive_kl_coefficient`` (PPO's halve/double rule)
+and ``proportional_kl_coefficient`` (Ziegler et al. 2019), both pure functions usable under ``jit``.
+
+References:
+    J. Schulman, "Approximating KL divergence", blog post, 2020.
+    http://joschu.net/blog/kl-approx.html
+    Y. Tang and R. Munos, "On a few pitfalls in KL divergence gradient estimation for RL",
+    arXiv:2506.09477, 2025.
+    J. Schulman, F. Wolski, P. Dhariwal, A. Radford and O. Klimov, "Proximal Policy Optimization
+    Algorithms", arXiv:1707.06347, 2017, Section 4.
+    D. M. Ziegler et al., "Fine-Tuning Language Models from Human Preferences", arXiv:1909.08593,
+    2019, Section 2.2.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kljax._validation import as_float_array, check_same_shape, is_concrete, normalize_axis
+
+__all__ = [
+    "k1_reward",
+    "k1_loss",
+    "k2_loss",
+    "k3_loss",
+    "k3_loss_is",
+    "exact_kl",
+    "sequence_k1_reward",
+    "sequence_exact_kl",
+    "adaptive_kl_coefficient",
+    "proportional_kl_coefficient",
+]
+
+_sg = jax.lax.stop_gradient
+
+
+def _log_probs(log_prob, log_prob_ref):
+    """Checks the pair and returns (log_prob, stop_gradient(log_prob_ref)) in log_prob's dtype."""
+    log_prob = as_float_array("log_prob", log_prob)
+    log_prob_ref = as_float_array("log_prob_ref", log_prob_ref)
+    check_same_shape("log_prob", log_prob, "log_prob_ref", log_prob_ref)
+    return log_prob, _sg(log_prob_ref.astype(log_prob.dtype))
+
+
+def _score_surrogate(log_prob, weight):
+    """Zero in value; its gradient is ``weight * grad log_prob`` (``weight`` held constant)."""
+    return _sg(weight) * (log_prob - _sg(log_prob))
+
+
+def k1_reward(log_prob, log_prob_ref, baseline=0.0):
+    """KL folded into the reward: REINFORCE surrogate whose gradient is (k1 - baseline) * grad log pi.
+
+    With the KL in the reward, r'(a) = r(a) - beta * k1(a) with k1(a) = log pi(a) - log pi_ref(a)
+    held constant, and the policy-gradient loss -r'(a) * log pi(a) contains
+    ``beta * stop_gradient(k1(a)) * log pi(a)``. This function is that KL part per unit beta, written
+    so that its *value* is the k1 estimate itself (useful for logging) while its gradient is the
+    score-function one:
+
+        value = k1(a),    gradient = (k1(a) - baseline) * grad log pi(a).
+
+    Expected gradient over a ~ pi: ``E[(k1 - b) grad log pi] = grad KL(pi || pi_ref)``, the correct
+    reverse-KL gradient, for any ``baseline`` b that does not depend on a (E[grad log pi] = 0).
+
+    Args:
+        log_prob: log pi(a) of the sampled actions a ~ pi, differentiable in pi's parameters.
+        log_prob_ref: log pi_ref(a) of the same actions; treated as a constant (stop_gradient).
+        baseline: a control variate subtracted from k1 in the gradient only: a scalar or a per-sample
+            array that does not depend on that sample's own action (e.g. the leave-one-out mean of the
+            other samples' k1); it changes the variance, not the expectation.
+
+    Returns:
+        The per-sample surrogate, same shape and dtype as ``log_prob``. Minimise ``beta * mean``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from kljax.policy import k1_reward
+        >>> logits = jnp.array([0.5, 0.0, -0.5])
+        >>> log_ref = jnp.log(jnp.array([0.2, 0.3, 0.5]))
+        >>> def surrogate(logits, action):
+        ...     return k1_reward(jax.nn.log_softmax(logits)[action], log_ref[action])
+        >>> print(round(float(surrogate(logits, 0)), 4))  # value = k1(a=0)
+        0.9292
+        >>> # expected gradient sum_a pi(a) grad surrogate(a) equals grad KL(pi || pi_ref):
+        >>> from kljax.policy import exact_kl
+        >>> grads = jnp.stack([jax.grad(surrogate)(logits, a) for a in range(3)])
+        >>> expected = jax.nn.softmax(logits) @ grads
+        >>> kl_grad = jax.grad(exact_kl)(logits, log_ref)
+        >>> bool(jnp.allclose(expected, kl_grad, atol=1e-5))
+        True
+
+    References:
+        R. J. Williams, "Simple statistical gradient-following algorithms for connectionist
+        reinforcement learning", Machine Learning, 1992 (REINFORCE, eq. 9);
+        Y. Tang and R. Munos, arXiv:2506.09477, 2025 (the "vanilla" gradient estimate).
+    """
+    log_prob, log_prob_ref = _log_probs(log_prob, log_prob_ref)
+    k1 = log_prob - log_prob_ref
+    baseline = jnp.asarray(baseline, dtype=log_prob.dtype)
+    return _sg(k1) + _score_surrogate(log_prob, k1 - baseline)
+
+
+def k1_loss(log_prob, log_prob_ref):
+    """k1 = log pi(a) - log pi_ref(a) used as a loss: an unbiased KL *value* with zero expected gradient.
+
+    Differentiating k1 directly gives grad log pi(a), whose expectation under a ~ pi is zero:
+    ``E[grad k1] = sum_a grad pi(a) = 0``. The penalty therefore does nothing on average (it only adds
+    noise) and a policy trained with it maximises the reward alone.
+
+    Args:
+        log_prob: log pi(a) of the sampled actions a ~ pi, differentiable.
+        log_prob_ref: log pi_ref(a) of the same actions; treated as a constant.
+
+    Returns:
+        k1 per sample, same shape and dtype as ``log_prob``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from kljax.policy import k1_loss
+        >>> print(round(float(k1_loss(jnp.log(0.5), jnp.log(0.25))), 4))
+        0.6931
+
+    References:
+        J. Schulman, "Approximating KL divergence", 2020 (k1);
+        Y. Tang and R. Munos, arXiv:2506.09477, 2025, Section 3 (its gradient has zero mean).
+    """
+    log_prob, log_prob_ref = _log_probs(log_prob, log_prob_ref)
+    return log_prob - log_prob_ref
+
+
+def k2_loss(log_prob, log_prob_ref):
+    """k2 = (log pi(a) - log pi_ref(a))^2 / 2 used as a loss: on-policy, the correct reverse-KL gradient.
+
+    ``grad k2 = (log pi - log pi_ref) * grad log pi``, which is exactly the score-function estimate of
+    grad KL(pi || pi_ref); so ``E_{a~pi}[grad k2] = grad KL(pi || pi_ref)`` although k2's value is a
+    biased estimate of the KL (it estimates an f-divergence, close to the KL when pi ~ pi_ref). The
+    identity needs a ~ pi: with samples from an older policy it is biased (use ``k3_loss_is`` with
+    ``log_prob_old``).
+
+    Args:
+        log_prob: log pi(a) of the sampled actions a ~ pi, differentiable.
+        log_prob_ref: log pi_ref(a) of the same actions; treated as a constant.
+
+    Returns:
+        k2 per sample, same shape and dtype as ``log_prob``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from kljax.policy import k2_loss
+        >>> print(round(float(k2_loss(jnp.log(0.5), jnp.log(0.25))), 4))
+        0.2402
+
+    References:
+        J. Schulman, "Approximating KL divergence", 2020 (k2);
+        Y. Tang and R. Munos, arXiv:2506.09477, 2025 (the "squared" estimate).
+    """
+    log_prob, log_prob_ref = _log_probs(log_prob, log_prob_ref)
+    return 0.5 * jnp.square(log_prob - log_prob_ref)
+
+
+def _k3(log_prob, log_prob_ref):
+    # k3 = (rho - 1) - log rho with rho = pi_ref / pi (Schulman 2020); expm1 keeps precision near rho = 1.
+    log_ratio = log_prob_ref - log_prob
+    return jnp.expm1(log_ratio) - log_ratio
+
+
+def k3_loss(log_prob, log_prob_ref):
+    """k3 = (rho - 1) - log rho, rho = pi_ref(a) / pi(a), as a loss: the gradient of KL(pi_ref || pi), the other KL.
+
+    k3 is an unbiased, non-negative, low-variance estimate of the *value* KL(pi || pi_ref), but
+    ``grad k3 = (1 - rho) * grad log pi`` and ``E_{a~pi}[grad k3] = -sum_a pi_ref(a) grad log pi(a)
+    = grad KL(pi_ref || pi)``: differentiating it minimises the forward (mass-covering) KL instead of
+    the intended reverse KL, and the regularised optimum moves (GRPO's pitfall).
+
+    Args:
+        log_prob: log pi(a) of the sampled actions a ~ pi, differentiable.
+        log_prob_ref: log pi_ref(a) of the same actions; treated as a constant.
+
+    Returns:
+        k3 per sample (>= 0), same shape and dtype as ``log_prob``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from kljax.policy import k3_loss
+        >>> print(round(float(k3_loss(jnp.log(0.5), jnp.log(0.25))), 4))  # 0.5 - 1 + log 2
+        0.1931
+
+    References:
+        J. Schulman, "Approximating KL divergence", 2020 (k3);
+        Y. Tang and R. Munos, arXiv:2506.09477, 2025, Section 3 (its gradient is that of KL(pi_ref, pi)).
+    """
+    log_prob, log_prob_ref = _log_probs(log_prob, log_prob_ref)
+    return _k3(log_prob, log_prob_ref)
+
+
+def k3_loss_is(log_prob, log_prob_ref, log_prob_old=None):
+    """Importance-weighted k3, (pi(a) / pi_old(a)) * k3(a), as a loss: the correct reverse-KL gradient.
+
+    With a ~ pi_old, ``E_{pi_old}[(pi / pi_old) k3] = E_pi[k3] = KL(pi || pi_ref)`` for *every*
+    parameter value, so differentiating the weighted term gives, in expectation,
+    ``grad KL(pi || pi_ref)``. On-policy (``log_prob_old=None``) pi_old = stop_gradient(pi): the weight
+    is 1 in value and contributes the missing score term ``k3 * grad log pi``. The per-sample gradient
+    is then ``(k3 + 1 - rho) grad log pi = k1 grad log pi``, *identical* to that of ``k2_loss`` and of
+    ``k1_reward`` without baseline: on-policy, the three correct placements differ only in value.
+
+    Args:
+        log_prob: log pi(a) of the sampled actions, differentiable.
+        log_prob_ref: log pi_ref(a) of the same actions; treated as a constant.
+        log_prob_old: log pi_old(a) of the behaviour policy that sampled a (constant); ``None`` means
+            on-policy sampling, pi_old = stop_gradient(pi).
+
+    Returns:
+        The weighted k3 per sample, same shape and dtype as ``log_prob``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from kljax.policy import k3_loss_is
+        >>> print(round(float(k3_loss_is(jnp.log(0.5), jnp.log(0.25))), 4))  # on-policy value = k3
+        0.1931
+
+    References:
+        Y. Tang and R. Munos, arXiv:2506.09477, 2025 (the importance-corrected estimate);
+        J. Schulman, "Approximating KL divergence", 2020 (k3).
+    """
+    log_prob, log_prob_ref = _log_probs(log_prob, log_prob_ref)
+    if log_prob_old is None:
+        log_prob_old = log_prob
+    else:
+        log_prob_old = as_float_array("log_prob_old", log_prob_old)
+        check_same_shape("log_prob", log_prob, "log_prob_old", log_prob_old)
+        log_prob_old = log_prob_old.astype(log_prob.dtype)
+    weight = jnp.exp(log_prob - _sg(log_prob_old))
+    return weight * _k3(log_prob, log_prob_ref)
+
+
+def exact_kl(logits, logits_ref, *, axis=-1):
+    """Exact KL(softmax(logits) || softmax(logits_ref)) over enumerable actions: the Rao-Blackwellised penalty.
+
+    When the actions can be enumerated, the KL at a visited state needs no sampled action at all:
+    averaging any unbiased per-action estimate over a ~ pi(. | s) gives this exact value, so it is
+    the Rao-Blackwellisation of k1/k3 and has zero variance at a fixed state. Its gradient is the exact
+    ``grad KL(pi(. | s) || pi_ref(. | s))``. (For sequences, where the *states* are sampled from pi,
+    see ``sequence_exact_kl``.)
+
+    Args:
+        logits: unnormalised log-probabilities of pi, differentiable; ``-inf`` marks impossible actions.
+        logits_ref: those of pi_ref, same shape; treated as a constant.
+        axis: the action axis.
+
+    Returns:
+        The KL in nats, reduced over ``axis``; +inf where pi puts mass on an action pi_ref excludes.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from kljax.policy import exact_kl
+        >>> kl = exact_kl(jnp.log(jnp.array([0.5, 0.5])), jnp.log(jnp.array([0.25, 0.75])))
+        >>> print(round(float(kl), 4))  # 0.5 log 2 + 0.5 log(2/3)
+        0.1438
+
+    References:
+        Y. Tang and R. Munos, arXiv:2506.09477, 2025 (analytic per-state KL);
+        D. Blackwell, "Conditional expectation and unbiased sequential estimation", 1947.
+    """
+    logits = as_float_array("logits", logits)
+    logits_ref = as_float_array("logits_ref", logits_ref)
+    check_same_shape("logits", logits, "logits_ref", logits_ref)
+    axis = normalize_axis("logits", logits, axis)
+    log_p = jax.nn.log_softmax(logits, axis=axis)
+    log_q = jax.nn.log_softmax(_sg(logits_ref.astype(logits.dtype)), axis=axis)
+    p = jnp.exp(log_p)
+    # 0 * log(0 / q) = 0 in value and gradient: the double where keeps -inf - (-inf) out of both passes.
+    support = p > 0
+    log_ratio = jnp.where(support, log_p - jnp.where(support, log_q, 0.0), 0.0)
+    return jnp.sum(jnp.where(support, p * log_ratio, 0.0), axis=axis)
+
+
+def _reverse_cumsum(x, axis):
+    return jnp.flip(jnp.cumsum(jnp.flip(x, axis=axis), axis=axis), axis=axis)
+
+
+def sequence_k1_reward(log_probs, log_probs_ref, *, axis=-1):
+    """Sequence KL in the reward, token by token with reward-to-go: the correct sequence-level gradient.
+
+    For a sequence x ~ pi sampled token by token, k1_t = log pi(x_t | x_<t) - log pi_ref(x_t | x_<t)
+    and KL(pi || pi_ref) over sequences is E[sum_t k1_t]. Its gradient is
+    ``E[sum_s (sum_{t >= s} k1_t) grad log pi(x_s | x_<s)]``: each token is charged the KL of itself and
+    of everything after it (Tang & Munos 2025, sequential case). The surrogate returned has
+
+        value = sum_t k1_t,    gradient = sum_s (sum_{t >= s} k1_t) * grad log pi(x_s | x_<s).
+
+    Charging each token only its own k1_t (``sum_t k1_reward(...)``), or summing per-token ``k2_loss``,
+    drops the future terms and gives a partial gradient.
+
+    Args:
+        log_probs: log pi(x_t | x_<t) of the sampled tokens, differentiable, positions along ``axis``.
+        log_probs_ref: log pi_ref(x_t | x_<t) of the same tokens; treated as a constant.
+        axis: the position (time) axis; it is reduced.
+
+    Returns:
+        One surrogate per sequence (``axis`` removed), dtype of ``log_probs``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from kljax.policy import sequence_k1_reward
+        >>> lp = jnp.log(jnp.array([0.5, 0.5, 0.9]))
+        >>> lp_ref = jnp.log(jnp.array([0.25, 0.5, 0.9]))
+        >>> print(round(float(sequence_k1_reward(lp, lp_ref)), 4))  # value: sequence k1 = log 2
+        0.6931
+
+    References:
+        Y. Tang and R. Munos, arXiv:2506.09477, 2025 (sequence-level KL gradient).
+    """
+    log_probs, log_probs_ref = _log_probs(log_probs, log_probs_ref)
+    axis = normalize_axis("log_probs", log_probs, axis)
+    k1 = log_probs - log_probs_ref
+    k1_to_go = _reverse_cumsum(k1, axis)
+    return jnp.sum(_sg(k1) + _score_surrogate(log_probs, k1_to_go), axis=axis)
+
+
+def sequence_exact_kl(logits, logits_ref, tokens):
+    """Rao-Blackwellised sequence KL: exact per-position KL at the visited prefixes plus the prefix score term.
+
+    For a sequence x ~ pi, KL_t = KL(pi(. | x_<t) || pi_ref(. | x_<t)) is computed exactly over the
+    vocabulary at every visited prefix. ``sum_t KL_t`` is an unbiased, lower-variance estimate of the
+    sequence KL. Differentiating it alone gives only the partial gradient ``E[sum_t grad KL_t]``: the
+    prefixes themselves are drawn from pi. The full gradient adds the score of each sampled token times
+    the KL still to come after it (Tang & Munos 2025):
+
+        value = sum_t KL_t,
+        gradient = sum_t grad KL_t + sum_s (sum_{t > s} KL_t) * grad log pi(x_s | x_<s),
+
+    whose expectation is exactly grad KL(pi || pi_ref) over sequences.
+
+    Args:
+        logits: pi's logits at each position, shape (..., T, V), differentiable.
+        logits_ref: pi_ref's logits at the same prefixes, same shape; treated as a constant.
+        tokens: the sampled tokens x_t, integer array of shape (..., T).
+
+    Returns:
+        One surrogate per sequence, shape (...), dtype of ``logits``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from kljax.policy import sequence_exact_kl
+        >>> logits = jnp.log(jnp.array([[0.5, 0.5], [0.9, 0.1]]))
+        >>> logits_ref = jnp.log(jnp.array([[0.25, 0.75], [0.9, 0.1]]))
+        >>> print(round(float(sequence_exact_kl(logits, logits_ref, jnp.array([0, 1]))), 4))
+        0.1438
+
+    References:
+        Y. Tang and R. Munos, arXiv:2506.09477, 2025 (analytic per-token KL and the sequential gradient).
+    """
+    logits = as_float_array("logits", logits)
+    if logits.ndim < 2:
+        raise ValueError(f"`logits` must have shape (..., T, V), got {logits.shape}.")
+    tokens = jnp.asarray(tokens)
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise TypeError(f"`tokens` must be an integer array, got {tokens.dtype}.")
+    if tokens.shape != logits.shape[:-1]:
+        raise ValueError(f"`tokens` must have shape {logits.shape[:-1]} to match `logits` of shape "
+                         f"{logits.shape}, got {tokens.shape}.")
+    kl_per_position = exact_kl(logits, logits_ref)
+    log_probs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[..., None], axis=-1)[..., 0]
+    kl_after = _reverse_cumsum(kl_per_position, -1) - kl_per_position
+    return jnp.sum(kl_per_position + _score_surrogate(log_probs, kl_after), axis=-1)
+
+
+def _check_positive(name, x):
+    if is_concrete(x) and bool(jnp.any(~(x > 0))):
+        raise ValueError(f"`{name}` must be > 0, got {x}.")
+
+
+def adaptive_kl_coefficient(beta, kl, target, *, tolerance=1.5, factor=2.0):
+    """PPO's adaptive KL penalty coefficient: halve beta when the KL is small, double it when large.
+
+    After each policy update with the penalty ``beta * KL[pi_old, pi]`` (Schulman et al. 2017, eq. 8),
+    with d the measured KL:
+
+        d < target / 1.5  ->  beta / 2,      d > target * 1.5  ->  beta * 2,      otherwise beta.
+
+    Pure and elementwise, so it can be used inside ``jit``/``lax.scan``/``vmap``.
+
+    Args:
+        beta: the current coefficient (> 0).
+        kl: the measured KL of the last update (e.g. the mean of ``exact_kl(old_logits, logits)``).
+        target: the target KL d_targ (> 0).
+        tolerance: the band half-width factor (1.5 in the paper).
+        factor: the multiplicative step (2 in the paper).
+
+    Returns:
+        The next coefficient, dtype of ``beta``'s promotion with ``kl``; NaN where ``kl`` is NaN.
+
+    Example:
+        >>> from kljax.policy import adaptive_kl_coefficient
+        >>> [float(adaptive_kl_coefficient(1.0, kl, 0.01)) for kl in (0.001, 0.01, 0.1)]
+        [0.5, 1.0, 2.0]
+
+    References:
+        J. Schulman et al., "Proximal Policy Optimization Algorithms", arXiv:1707.06347, 2017,
+        Section 4 (eq. 8 and the update rule after it).
+    """
+    beta = jnp.asarray(beta)
+    kl = jnp.asarray(kl)
+    _check_positive("beta", beta)
+    _check_positive("target", jnp.asarray(target))
+    new_beta = jnp.where(kl < target / tolerance, beta / factor,
+                         jnp.where(kl > target * tolerance, beta * factor, beta))
+    return jnp.where(jnp.isnan(kl), jnp.nan, new_beta)
+
+
+def proportional_kl_coefficient(beta, kl, target, num_steps, horizon, *, error_clip=0.2):
+    """Ziegler et al.'s proportional KL controller: beta *= 1 + clip(kl / target - 1, +-0.2) * num_steps / horizon.
+
+    The log of beta follows a clipped proportional controller towards the target KL (Ziegler et al.
+    2019, Section 2.2: e_t = clip((KL_t - KL_targ) / KL_targ, -0.2, 0.2), beta_{t+1} = beta_t
+    (1 + K_beta e_t)), with the gain K_beta = num_steps / horizon as in OpenAI's lm-human-preferences
+    code (the paper uses K_beta = 0.1). Pure and elementwise, usable under ``jit``.
+
+    Args:
+        beta: the current coefficient (> 0).
+        kl: the measured KL(pi || pi_ref) of the current batch.
+        target: the target KL (> 0).
+        num_steps: the number of samples (or steps) since the last update.
+        horizon: the controller's horizon; the gain is num_steps / horizon.
+        error_clip: the clipping of the proportional error (0.2 in the paper).
+
+    Returns:
+        The next coefficient; NaN where ``kl`` is NaN.
+
+    Example:
+        >>> from kljax.policy import proportional_kl_coefficient
+        >>> print(round(float(proportional_kl_coefficient(0.1, 12.0, 6.0, 256, 10_000)), 6))
+        0.100512
+
+    References:
+        D. M. Ziegler et al., "Fine-Tuning Language Models from Human Preferences", arXiv:1909.08593,
+        2019, Section 2.2.
+    """
+    beta = jnp.asarray(beta)
+    _check_positive("beta", beta)
+    _check_positive("target", jnp.asarray(target))
+    _check_positive("horizon", jnp.asarray(horizon))
+    error = jnp.clip(jnp.asarray(kl) / target - 1.0, -error_clip, error_clip)
+    return beta * (1.0 + error * num_steps / horizon)

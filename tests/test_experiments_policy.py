@@ -1,0 +1,172 @@
+"""The three policy experiments at a small scale, checked against exact answers computed here.
+
+- bandit: the regularised optimum and k3's fixed point are recomputed by direct numerical maximisation
+  (SciPy) and the trained policies must land on the fixed point their expected gradient predicts;
+- sequences: the optimum is recomputed by brute force in NumPy, the gradient biases are exact;
+- PPO: CartPole's step is compared with a NumPy transcription of Gym's equations, and the adaptive beta
+  history with PPO's rule.
+"""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from scipy import optimize, special
+
+from experiments import policy_bandit, policy_sequence, ppo_kl
+
+REWARDS = np.array([1.0, 0.5, 0.0])
+REF = np.array([0.2, 0.3, 0.5])
+BETA = 0.5
+
+
+def _maximise_on_simplex(objective):
+    """argmax over the simplex of ``objective(p)``, by BFGS on softmax logits."""
+    result = optimize.minimize(lambda z: -objective(special.softmax(z)), np.zeros(3), method="BFGS",
+                               options={"gtol": 1e-10})
+    return special.softmax(result.x)
+
+
+@pytest.fixture(scope="module")
+def bandit(tmp_path_factory):
+    out = tmp_path_factory.mktemp("policy_bandit")
+    metrics = policy_bandit.main(["--num-seeds", "16", "--num-steps", "1000", "--out", str(out), "--no-progress"])
+    return metrics, out
+
+
+def test_bandit_fixed_points_are_the_right_maximisers(bandit):
+    metrics, _ = bandit
+    reverse = _maximise_on_simplex(lambda p: p @ REWARDS - BETA * np.sum(p * np.log(p / REF)))
+    forward = _maximise_on_simplex(lambda p: p @ REWARDS - BETA * np.sum(REF * np.log(REF / p)))
+    np.testing.assert_allclose(metrics["optimum"], reverse, atol=1e-6)
+    np.testing.assert_allclose(metrics["placements"]["k3_loss"]["fixed_point"], forward, atol=1e-6)
+    np.testing.assert_allclose(metrics["placements"]["k1_loss"]["fixed_point"], [1.0, 0.0, 0.0])
+    assert metrics["optimum_objective"] == pytest.approx(BETA * np.log(REF @ np.exp(REWARDS / BETA)), rel=1e-12)
+
+
+def test_bandit_placements_converge_where_their_gradient_says(bandit):
+    metrics, out = bandit
+    pl = metrics["placements"]
+    # TV between the two candidate fixed points is 0.07; the trained policies must resolve it.
+    for name in ("k1_reward", "k2_loss", "k3_loss_is", "exact_kl"):
+        assert pl[name]["distance_to_optimum"] < 0.01, (name, pl[name]["final_probs"])
+        assert pl[name]["last_window_change"] < 0.01
+    assert pl["k3_loss"]["distance_to_fixed_point"] < 0.01
+    assert pl["k3_loss"]["distance_to_optimum"] > 0.05
+    assert pl["k1_loss"]["final_probs"][0] > 0.95  # heading for the greedy vertex, no regularisation
+    assert pl["k1_loss"]["distance_to_optimum"] > 0.4
+    for name in pl:
+        assert pl[name]["objective"] <= metrics["optimum_objective"] + 1e-6
+    assert (out / "metrics.json").is_file() and (out / "arm_probabilities.png").is_file()
+    assert (out / "simplex.png").is_file()
+    text = policy_bandit.report(metrics, "policy_bandit")
+    assert "policy_bandit/arm_probabilities.png" in text and "k3_loss" in text
+
+
+def test_bandit_cli_rejects_bad_reference(tmp_path):
+    with pytest.raises(SystemExit):
+        policy_bandit.main(["--ref-probs", "0.5,0.6,0.1", "--out", str(tmp_path)])
+
+
+# --- sequences --------------------------------------------------------------------------------------
+
+
+def _brute_force_sequence_optimum(vocab_size, length, beta, seed, ref_scale=1.0):
+    """J* = beta log sum_x pi_ref(x) exp(R(x) / beta) with pi_ref rebuilt from the experiment's seed."""
+    rng = np.random.default_rng(seed)
+    num_prefixes = sum(vocab_size ** t for t in range(length))
+    table = (rng.normal(size=(num_prefixes, vocab_size)) * ref_scale).astype(np.float32).astype(float)
+    log_cond = table - special.logsumexp(table, axis=1, keepdims=True)
+    terms = []
+    for x in itertools.product(range(vocab_size), repeat=length):
+        log_p, row, offset = 0.0, 0, 0
+        for t, token in enumerate(x):
+            log_p += log_cond[offset + row, token]
+            offset += vocab_size ** t
+            row = row * vocab_size + token
+        reward = np.mean([x[t] == (x[t - 1] + 1) % vocab_size for t in range(1, length)])
+        terms.append(log_p + reward / beta)
+    return beta * special.logsumexp(terms)
+
+
+@pytest.fixture(scope="module")
+def sequence(tmp_path_factory):
+    out = tmp_path_factory.mktemp("policy_sequence")
+    metrics = policy_sequence.main(["--vocab-size", "3", "--length", "4", "--num-steps", "300", "--num-seeds", "2",
+                                    "--num-records", "5", "--out", str(out), "--no-progress"])
+    return metrics, out
+
+
+def test_sequence_experiment_exact_answers(sequence):
+    metrics, out = sequence
+    optimum = _brute_force_sequence_optimum(3, 4, 0.1, seed=0)
+    assert metrics["optimum"]["objective"] == pytest.approx(optimum, rel=1e-5)
+    pl = metrics["placements"]
+    for name, m in pl.items():
+        if m["kind"] == "correct":
+            assert m["relative_bias"] < 1e-4, name
+            assert m["fixed_point_gap"] < 2e-3, name  # exact expected-gradient training reaches J*
+        elif m["kind"] == "partial":
+            assert m["relative_bias"] > 0.05, name
+            assert m["fixed_point_gap"] > pl["seq_k1_reward"]["fixed_point_gap"] + 1e-3, name
+        assert m["fixed_point_objective"] <= metrics["optimum"]["objective"] + 1e-4
+    assert pl["token_k1_loss"]["relative_bias"] == pytest.approx(1.0, abs=1e-4)  # E[grad] = 0 exactly
+    # Rao-Blackwellisation lowers the variance of the correct gradient
+    assert pl["rb_exact_kl"]["variance"] < pl["seq_k1_reward"]["variance"]
+    for name in ("gradient_bias_variance", "learning_curves", "fixed_points"):
+        assert (out / f"{name}.png").is_file()
+    assert "policy_sequence/learning_curves.png" in policy_sequence.report(metrics, "policy_sequence")
+
+
+# --- PPO on CartPole ----------------------------------------------------------------------------------
+
+
+def _gym_cartpole_step(state, action):
+    """Gym's CartPole-v1 step (euler), transcribed in plain Python floats."""
+    gravity, masscart, masspole, length, force_mag, tau = 9.8, 1.0, 0.1, 0.5, 10.0, 0.02
+    total_mass, polemass_length = masspole + masscart, masspole * length
+    x, x_dot, theta, theta_dot = state
+    force = force_mag if action == 1 else -force_mag
+    costheta, sintheta = math.cos(theta), math.sin(theta)
+    temp = (force + polemass_length * theta_dot**2 * sintheta) / total_mass
+    thetaacc = (gravity * sintheta - costheta * temp) / (
+        length * (4.0 / 3.0 - masspole * costheta**2 / total_mass))
+    xacc = temp - polemass_length * thetaacc * costheta / total_mass
+    x, x_dot = x + tau * x_dot, x_dot + tau * xacc
+    theta, theta_dot = theta + tau * theta_dot, theta_dot + tau * thetaacc
+    terminated = x < -2.4 or x > 2.4 or theta < -12 * 2 * math.pi / 360 or theta > 12 * 2 * math.pi / 360
+    return np.array([x, x_dot, theta, theta_dot]), terminated
+
+
+def test_cartpole_matches_gym_equations():
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        state = rng.uniform([-2.5, -2, -0.25, -2], [2.5, 2, 0.25, 2])
+        action = int(rng.integers(2))
+        expected, expected_done = _gym_cartpole_step(state, action)
+        got, done = ppo_kl.cartpole_step(jnp.asarray(state), jnp.asarray(action))
+        np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-12, atol=1e-12)
+        assert bool(done) == expected_done
+
+
+def test_ppo_smoke_and_adaptive_rule(tmp_path):
+    metrics = ppo_kl.main(["--quick", "--num-seeds", "1", "--num-iterations", "4", "--num-envs", "4",
+                           "--num-steps", "32", "--beta", "1.0", "--kl-target", "0.01", "--out", str(tmp_path),
+                           "--no-progress"])
+    res = metrics["variants"]
+    for name, r in res.items():
+        kl = np.asarray(r["per_seed"]["kl"], float)
+        assert np.all(np.isfinite(kl)) and np.all(kl >= 0) and np.all(kl < 1.0), name
+        returns = np.asarray(r["per_seed"]["return"], float)
+        assert np.all((returns[np.isfinite(returns)] >= 1) & (returns[np.isfinite(returns)] <= 500))
+    assert np.all(np.asarray(res["kl_fixed"]["per_seed"]["beta"]) == 1.0)
+    beta = np.asarray(res["kl_adaptive"]["per_seed"]["beta"], float)[0]
+    kl = np.asarray(res["kl_adaptive"]["per_seed"]["kl"], float)[0]
+    for i in range(len(beta) - 1):  # PPO's rule, Schulman et al. 2017 Section 4
+        expected = beta[i] / 2 if kl[i] < 0.01 / 1.5 else beta[i] * 2 if kl[i] > 0.015 else beta[i]
+        assert beta[i + 1] == pytest.approx(expected, rel=1e-6)
+    assert (tmp_path / "ppo_kl.png").is_file()
+    assert "ppo_kl.png" in ppo_kl.report(metrics, "ppo_kl")
