@@ -5,7 +5,8 @@ same-family pair is registered, plus ``MultivariateNormalDiag`` <-> ``Multivaria
 directions. Parameters of P and Q broadcast against each other (batch shapes (3, 1) and (4,) give a
 (3, 4) result); the result has the parameters' (promoted) dtype. Each pair's formula is written in a
 form that stays accurate when P and Q are close (``expm1``, ``log_sigmoid``, ``log_softmax``,
-triangular solves rather than inverses).
+triangular solves rather than inverses). The built-in rules are jitted, so an eager call compiles once
+per shape and dtype.
 
 Adding a pair::
 
@@ -20,6 +21,8 @@ match, the one with the smallest sum of MRO distances wins, ties going to the mo
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Callable
 
 import jax
@@ -39,6 +42,7 @@ from kljax.distributions import (
     MultivariateNormalTriL,
     Normal,
     Poisson,
+    _lift_to_rank,
 )
 
 __all__ = [
@@ -136,9 +140,48 @@ def kl(p, q) -> jax.Array:
 # --------------------------------------------------------------------------------------------------
 
 
+def _builtin(function: KLFunction) -> KLFunction:
+    """Jits a built-in rule and makes it NaN where either distribution's parameters are invalid.
+
+    Constructors check values eagerly; under jit they cannot, and API.md asks for NaN there rather
+    than a finite wrong number (e.g. a negative Gamma concentration has finite log-gamma).
+    """
+
+    @functools.wraps(function)
+    def masked(p, q):
+        value = function(p, q)
+        for distribution in (p, q):
+            valid = distribution._valid()
+            if valid is not None:
+                value = jnp.where(jnp.broadcast_to(valid, value.shape), value, jnp.nan)
+        return value
+
+    return jax.jit(masked)
+
+
 def _exp_minus_one_minus(u: jax.Array) -> jax.Array:
-    """e^u - 1 - u >= 0, accurate near u = 0 (the shape of every scale-only KL term)."""
-    return jnp.expm1(u) - u
+    """e^u - 1 - u >= 0 to full relative precision, also near u = 0 (every scale-only KL term has it).
+
+    ``expm1(u) - u`` loses about log10(2 / |u|) digits to cancellation; for |u| < 0.1 the Taylor
+    series sum_{n=2}^{10} u^n / n! is used instead (truncation error < 1e-16 relative).
+    """
+    small = jnp.abs(u) < 0.1
+    v = jnp.where(small, u, jnp.zeros_like(u))
+    series = jnp.zeros_like(v)
+    for n in range(10, 1, -1):  # Horner: u^2 (1/2! + u (1/3! + ... + u / 10!))
+        series = v * series + 1 / math.factorial(n)
+    return jnp.where(small, v * v * series, jnp.expm1(u) - u)
+
+
+def _log_ratio(a: jax.Array, b: jax.Array) -> jax.Array:
+    """log(a / b) for positive a, b; via log1p((a - b) / b) when a and b are close.
+
+    a - b is exact there (Sterbenz), so the result keeps full relative precision even in float32,
+    where log(a) - log(b) would lose ~3 digits for a/b = 1.001.
+    """
+    close = jnp.abs(a - b) < 0.5 * b
+    near = jnp.log1p((a - b) / jnp.where(close, b, jnp.ones_like(b)))
+    return jnp.where(close, near, jnp.log(a) - jnp.log(b))
 
 
 def _sum_p_log_ratio(log_p: jax.Array, log_q: jax.Array, axis: int | None) -> jax.Array:
@@ -158,18 +201,13 @@ def _check_event_sizes(what: str, size_p: int, size_q: int) -> None:
         raise ValueError(f"P and Q must have the same {what}, got {size_p} for P and {size_q} for Q.")
 
 
-def _lift(x: jax.Array, core_ndims: int, batch_ndims: int) -> jax.Array:
-    missing = batch_ndims - (x.ndim - core_ndims)
-    return jnp.reshape(x, (1,) * missing + x.shape) if missing > 0 else x
-
-
 # --------------------------------------------------------------------------------------------------
 # Gaussian families
 # --------------------------------------------------------------------------------------------------
 
 
 @register_kl(Normal, Normal)
-@jax.jit
+@_builtin
 def kl_normal(p: Normal, q: Normal) -> jax.Array:
     """D(N(m_p, s_p^2) || N(m_q, s_q^2)) = log(s_q / s_p) + (s_p^2 + (m_p - m_q)^2) / (2 s_q^2) - 1/2.
 
@@ -191,15 +229,15 @@ def kl_normal(p: Normal, q: Normal) -> jax.Array:
     References:
       Kullback (1959), Information Theory and Statistics, ch. 9; Gil, Alajaji & Linder (2013),
       "Renyi divergence measures for commonly used univariate continuous distributions",
-      Information Sciences 249, Table 2 (limit alpha -> 1).
+      Information Sciences 249:124-131, table of Kullback-Leibler divergences.
     """
     loc_p, scale_p, loc_q, scale_q = jnp.broadcast_arrays(p.loc, p.scale, q.loc, q.scale)
-    log_ratio = jnp.log(scale_p) - jnp.log(scale_q)
+    log_ratio = _log_ratio(scale_p, scale_q)
     return 0.5 * _exp_minus_one_minus(2 * log_ratio) + 0.5 * jnp.square((loc_p - loc_q) / scale_q)
 
 
 @register_kl(MultivariateNormalDiag, MultivariateNormalDiag)
-@jax.jit
+@_builtin
 def kl_mvn_diag(p: MultivariateNormalDiag, q: MultivariateNormalDiag) -> jax.Array:
     """D(P || Q) for diagonal Gaussians: the sum over coordinates of the univariate ``kl_normal``.
 
@@ -225,7 +263,7 @@ def kl_mvn_diag(p: MultivariateNormalDiag, q: MultivariateNormalDiag) -> jax.Arr
     """
     _check_event_sizes("event size", p.loc.shape[-1], q.loc.shape[-1])
     loc_p, scale_p, loc_q, scale_q = jnp.broadcast_arrays(p.loc, p.scale_diag, q.loc, q.scale_diag)
-    log_ratio = jnp.log(scale_p) - jnp.log(scale_q)
+    log_ratio = _log_ratio(scale_p, scale_q)
     terms = 0.5 * _exp_minus_one_minus(2 * log_ratio) + 0.5 * jnp.square((loc_p - loc_q) / scale_q)
     return jnp.sum(terms, axis=-1)
 
@@ -237,8 +275,10 @@ def _mvn_tril_kl(loc_p, scale_p, loc_q, scale_q):
     d = loc_p.shape[-1]
     whitened_scale = solve_triangular(scale_q, scale_p, lower=True)
     whitened_diff = solve_triangular(scale_q, loc_p - loc_q, lower=True)
-    log_det_ratio = jnp.sum(jnp.log(jnp.diagonal(scale_q)) - jnp.log(jnp.diagonal(scale_p)))
-    return 0.5 * (jnp.sum(jnp.square(whitened_scale)) + jnp.sum(jnp.square(whitened_diff)) - d) + log_det_ratio
+    log_det_ratio = jnp.sum(_log_ratio(jnp.diagonal(scale_q), jnp.diagonal(scale_p)))
+    trace_term = jnp.sum(jnp.square(whitened_scale))
+    mahalanobis = jnp.sum(jnp.square(whitened_diff))
+    return 0.5 * (trace_term + mahalanobis - d) + log_det_ratio
 
 
 def _loc_and_tril(distribution) -> tuple[jax.Array, jax.Array]:
@@ -248,7 +288,7 @@ def _loc_and_tril(distribution) -> tuple[jax.Array, jax.Array]:
 @register_kl(MultivariateNormalTriL, MultivariateNormalTriL)
 @register_kl(MultivariateNormalDiag, MultivariateNormalTriL)
 @register_kl(MultivariateNormalTriL, MultivariateNormalDiag)
-@jax.jit
+@_builtin
 def kl_mvn(p, q) -> jax.Array:
     """D(N(m_p, L_p L_p^T) || N(m_q, L_q L_q^T)) for full-covariance (or diagonal) Gaussians.
 
@@ -280,8 +320,8 @@ def kl_mvn(p, q) -> jax.Array:
     _check_event_sizes("event size", loc_p.shape[-1], loc_q.shape[-1])
     batch_ndims = max(loc_p.ndim, loc_q.ndim) - 1
     return jnp.vectorize(_mvn_tril_kl, signature="(d),(d,d),(d),(d,d)->()")(
-        _lift(loc_p, 1, batch_ndims), _lift(scale_p, 2, batch_ndims),
-        _lift(loc_q, 1, batch_ndims), _lift(scale_q, 2, batch_ndims),
+        _lift_to_rank(loc_p, 1, batch_ndims), _lift_to_rank(scale_p, 2, batch_ndims),
+        _lift_to_rank(loc_q, 1, batch_ndims), _lift_to_rank(scale_q, 2, batch_ndims),
     )
 
 
@@ -291,7 +331,7 @@ def kl_mvn(p, q) -> jax.Array:
 
 
 @register_kl(Categorical, Categorical)
-@jax.jit
+@_builtin
 def kl_categorical(p: Categorical, q: Categorical) -> jax.Array:
     """D(P || Q) = sum_k p_k (log p_k - log q_k) from logits, via ``log_softmax``.
 
@@ -322,7 +362,7 @@ def kl_categorical(p: Categorical, q: Categorical) -> jax.Array:
 
 
 @register_kl(Bernoulli, Bernoulli)
-@jax.jit
+@_builtin
 def kl_bernoulli(p: Bernoulli, q: Bernoulli) -> jax.Array:
     """D(Ber(p) || Ber(q)) = p log(p / q) + (1 - p) log((1 - p) / (1 - q)) from logits.
 
@@ -351,7 +391,7 @@ def kl_bernoulli(p: Bernoulli, q: Bernoulli) -> jax.Array:
 
 
 @register_kl(Poisson, Poisson)
-@jax.jit
+@_builtin
 def kl_poisson(p: Poisson, q: Poisson) -> jax.Array:
     """D(Poi(r_p) || Poi(r_q)) = r_p log(r_p / r_q) - r_p + r_q = r_p (e^u - 1 - u), u = log(r_q / r_p).
 
@@ -371,7 +411,7 @@ def kl_poisson(p: Poisson, q: Poisson) -> jax.Array:
       Cover & Thomas (2006), Elements of Information Theory, 2nd ed., eq. (2.26), summed in closed form.
     """
     rate_p, rate_q = jnp.broadcast_arrays(p.rate, q.rate)
-    return rate_p * _exp_minus_one_minus(jnp.log(rate_q) - jnp.log(rate_p))
+    return rate_p * _exp_minus_one_minus(_log_ratio(rate_q, rate_p))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -380,7 +420,7 @@ def kl_poisson(p: Poisson, q: Poisson) -> jax.Array:
 
 
 @register_kl(Gamma, Gamma)
-@jax.jit
+@_builtin
 def kl_gamma(p: Gamma, q: Gamma) -> jax.Array:
     """D(Gamma(k_p, b_p) || Gamma(k_q, b_q)) for shape k and rate b.
 
@@ -402,17 +442,17 @@ def kl_gamma(p: Gamma, q: Gamma) -> jax.Array:
     References:
       Penny (2001), "KL-divergences of Normal, Gamma, Dirichlet and Wishart densities", Wellcome
       Department of Cognitive Neurology, UCL (Gamma section, there in scale form); Gil, Alajaji &
-      Linder (2013), Information Sciences 249, Table 2 (limit alpha -> 1).
+      Linder (2013), Information Sciences 249:124-131, table of Kullback-Leibler divergences.
     """
     k_p, rate_p, k_q, rate_q = jnp.broadcast_arrays(p.concentration, p.rate, q.concentration, q.rate)
-    log_rate_ratio = jnp.log(rate_q) - jnp.log(rate_p)
+    log_rate_ratio = _log_ratio(rate_q, rate_p)
     # k_q (log b_p - log b_q) + k_p (b_q - b_p) / b_p = k_p (e^u - 1 - u) + (k_p - k_q) u, u = log(b_q / b_p)
     return ((k_p - k_q) * digamma(k_p) - gammaln(k_p) + gammaln(k_q)
             + k_p * _exp_minus_one_minus(log_rate_ratio) + (k_p - k_q) * log_rate_ratio)
 
 
 @register_kl(Beta, Beta)
-@jax.jit
+@_builtin
 def kl_beta(p: Beta, q: Beta) -> jax.Array:
     """D(Beta(a_p, b_p) || Beta(a_q, b_q)).
 
@@ -433,8 +473,8 @@ def kl_beta(p: Beta, q: Beta) -> jax.Array:
 
     References:
       Gil, Alajaji & Linder (2013), "Renyi divergence measures for commonly used univariate continuous
-      distributions", Information Sciences 249, Table 2 (limit alpha -> 1); the Dirichlet formula of
-      Penny (2001) with k = 2.
+      distributions", Information Sciences 249:124-131, table of Kullback-Leibler divergences; also
+      the Dirichlet formula of Penny (2001) with k = 2.
     """
     a_p, b_p, a_q, b_q = jnp.broadcast_arrays(p.alpha, p.beta, q.alpha, q.beta)
     return (betaln(a_q, b_q) - betaln(a_p, b_p) + (a_p - a_q) * digamma(a_p) + (b_p - b_q) * digamma(b_p)
@@ -442,7 +482,7 @@ def kl_beta(p: Beta, q: Beta) -> jax.Array:
 
 
 @register_kl(Dirichlet, Dirichlet)
-@jax.jit
+@_builtin
 def kl_dirichlet(p: Dirichlet, q: Dirichlet) -> jax.Array:
     """D(Dir(a) || Dir(b)) with a0 = sum_i a_i, b0 = sum_i b_i.
 
@@ -480,13 +520,14 @@ def kl_dirichlet(p: Dirichlet, q: Dirichlet) -> jax.Array:
 
 
 @register_kl(Laplace, Laplace)
-@jax.jit
+@_builtin
 def kl_laplace(p: Laplace, q: Laplace) -> jax.Array:
-    """D(Laplace(m_p, s_p) || Laplace(m_q, s_q)) = log(s_q / s_p) + |m_p - m_q| / s_q
-    + (s_p / s_q) exp(-|m_p - m_q| / s_p) - 1.
+    """Closed-form D(Laplace(m_p, s_p) || Laplace(m_q, s_q)) for location m and scale s.
 
-    Computed as e^t - 1 - t + |m_p - m_q| / s_q with t = log(s_p / s_q) - |m_p - m_q| / s_p (and the
-    term |m_p - m_q| / s_p added back), which is accurate when P and Q are close.
+    D = log(s_q / s_p) + |m_p - m_q| / s_q + (s_p / s_q) exp(-|m_p - m_q| / s_p) - 1.
+
+    With w = log(s_p / s_q) and z = |m_p - m_q| / s_p this is phi(w - z) + z expm1(w), phi(u) = e^u - 1 - u,
+    a form without cancellation when P and Q are close.
 
     Args:
       p: ``Laplace`` P.
@@ -502,17 +543,17 @@ def kl_laplace(p: Laplace, q: Laplace) -> jax.Array:
 
     References:
       Gil, Alajaji & Linder (2013), "Renyi divergence measures for commonly used univariate continuous
-      distributions", Information Sciences 249, Table 2 (limit alpha -> 1).
+      distributions", Information Sciences 249:124-131, table of Kullback-Leibler divergences.
     """
     loc_p, scale_p, loc_q, scale_q = jnp.broadcast_arrays(p.loc, p.scale, q.loc, q.scale)
-    distance = jnp.abs(loc_p - loc_q)
-    t = jnp.log(scale_p) - jnp.log(scale_q) - distance / scale_p
-    # log(s_q/s_p) = -(t + distance/s_p), so D = e^t - 1 - t - distance/s_p + distance/s_q.
-    return _exp_minus_one_minus(t) - distance / scale_p + distance / scale_q
+    log_ratio = _log_ratio(scale_p, scale_q)
+    scaled_distance = jnp.abs(loc_p - loc_q) / scale_p
+    # -w + z e^w + e^(w - z) - 1 = phi(w - z) + z (e^w - 1)
+    return _exp_minus_one_minus(log_ratio - scaled_distance) + scaled_distance * jnp.expm1(log_ratio)
 
 
 @register_kl(Exponential, Exponential)
-@jax.jit
+@_builtin
 def kl_exponential(p: Exponential, q: Exponential) -> jax.Array:
     """D(Exp(r_p) || Exp(r_q)) = log(r_p / r_q) + r_q / r_p - 1 = e^u - 1 - u, u = log(r_q / r_p).
 
@@ -530,7 +571,7 @@ def kl_exponential(p: Exponential, q: Exponential) -> jax.Array:
 
     References:
       Gil, Alajaji & Linder (2013), "Renyi divergence measures for commonly used univariate continuous
-      distributions", Information Sciences 249, Table 2 (limit alpha -> 1).
+      distributions", Information Sciences 249:124-131, table of Kullback-Leibler divergences.
     """
     rate_p, rate_q = jnp.broadcast_arrays(p.rate, q.rate)
-    return _exp_minus_one_minus(jnp.log(rate_q) - jnp.log(rate_p))
+    return _exp_minus_one_minus(_log_ratio(rate_q, rate_p))

@@ -19,6 +19,10 @@ Parameter conventions:
   reparameterisation (Figurnov, Mohamed & Mnih 2018, "Implicit Reparameterization Gradients") through
   ``jax.random.gamma`` for Gamma, Beta and Dirichlet. Discrete families return ``int32`` samples.
 
+The methods are jitted (an eager call compiles each method once per shape and dtype), so they accept
+only pytree arguments: arrays, scalars, and distributions. A subclass that adds parameters must list
+them in ``_parameter_names`` to survive flattening.
+
 Closed-form KL divergences between these distributions live in :mod:`kljax.analytic`.
 """
 
@@ -77,7 +81,9 @@ def _as_parameters(named: dict) -> list[jax.Array]:
         dtype = getattr(value, "dtype", None)
         if isinstance(value, bool) or (dtype is not None and (
                 jnp.issubdtype(dtype, jnp.complexfloating) or jnp.issubdtype(dtype, jnp.bool_))):
-            raise TypeError(f"`{name}` must be real-valued (a float or integer array), got {dtype or 'bool'}.")
+            raise TypeError(
+                f"`{name}` must be real-valued (a float or integer array), got {dtype or 'bool'}."
+            )
         values.append(value)
     dtype = jnp.result_type(*values)
     if not jnp.issubdtype(dtype, jnp.floating):
@@ -98,9 +104,20 @@ def _broadcast_batch(named: dict, event_ndims: Sequence[int]) -> list[jax.Array]
         described = ", ".join(f"`{name}` {array.shape}" for name, array in named.items())
         raise ValueError(f"parameter batch shapes do not broadcast: {described}.") from None
     return [
-        jnp.broadcast_to(array, batch_shape + array.shape[array.ndim - ndims:])
+        _broadcast_to(array, batch_shape + array.shape[array.ndim - ndims:])
         for array, ndims in zip(arrays, event_ndims)
     ]
+
+
+def _broadcast_to(array: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """``jnp.broadcast_to`` that skips the (eagerly compiled) no-op when the shape already matches."""
+    return array if array.shape == shape else jnp.broadcast_to(array, shape)
+
+
+def _broadcast_arrays(*arrays: jax.Array) -> list[jax.Array]:
+    """Constructor-time ``jnp.broadcast_arrays``, without an XLA compile when shapes already agree."""
+    shape = jnp.broadcast_shapes(*(array.shape for array in arrays))
+    return [_broadcast_to(array, shape) for array in arrays]
 
 
 # Eager checks run in NumPy on the host: no XLA compilation for each new parameter shape.
@@ -122,9 +139,35 @@ def _check_positive(name: str, x: jax.Array) -> None:
         raise ValueError(f"`{name}` must be positive, got minimum {np.asarray(x).min()}.")
 
 
-# Methods are jitted: an eager call compiles the whole method once per shape and dtype instead of
-# dispatching (and compiling) every primitive separately; inside an outer jit they are inlined.
-_jit_sampler = functools.partial(jax.jit, static_argnums=2)
+def _method(output_event_ndims=0, static_argnums=()):
+    """Jits a method and turns its floating outputs to NaN where the parameters are invalid.
+
+    Jitting means an eager call compiles the whole method once per shape and dtype instead of
+    dispatching (and compiling) every primitive separately; inside an outer jit it is inlined. The
+    NaN mask is how a bad parameter shows under jit, where ``__init__`` cannot check values (API.md:
+    never a finite wrong number). ``output_event_ndims`` counts the output's trailing non-batch axes
+    ("event" for the distribution's event rank).
+    """
+
+    def decorate(function):
+        @functools.wraps(function)
+        def masked(self, *args):
+            value = function(self, *args)
+            valid = self._valid()
+            if valid is None or not jnp.issubdtype(value.dtype, jnp.floating):
+                return value
+            core = self._event_ndims if output_event_ndims == "event" else output_event_ndims
+            valid = jnp.reshape(valid, valid.shape + (1,) * core)
+            return jnp.where(jnp.broadcast_to(valid, value.shape), value, jnp.nan)
+
+        return jax.jit(masked, static_argnums=static_argnums)
+
+    return decorate
+
+
+def _positive(x: jax.Array) -> jax.Array:
+    """x > 0 and finite, elementwise (False for NaN)."""
+    return (x > 0) & jnp.isfinite(x)
 
 
 def _sample_shape(shape) -> tuple[int, ...]:
@@ -178,6 +221,13 @@ class Distribution:
         for name, child in zip(cls._parameter_names, children):
             object.__setattr__(instance, name, child)
         return instance
+
+    def _valid(self) -> jax.Array | None:
+        """Boolean array of shape ``batch_shape``: parameters inside the family's domain.
+
+        ``None`` when invalid parameters already propagate NaN by themselves.
+        """
+        return None
 
     @property
     def _first_parameter(self) -> jax.Array:
@@ -252,30 +302,33 @@ class Normal(Distribution):
         loc, scale = _as_parameters({"loc": loc, "scale": scale})
         _check_finite("loc", loc)
         _check_positive("scale", scale)
-        self.loc, self.scale = jnp.broadcast_arrays(loc, scale)
+        self.loc, self.scale = _broadcast_arrays(loc, scale)
 
-    @_jit_sampler
+    def _valid(self):
+        return jnp.isfinite(self.loc) & _positive(self.scale)
+
+    @_method("event", static_argnums=2)
     def _sample(self, key, shape):
         shape = self._full_shape(shape)
         noise = jax.random.normal(key, shape, self.dtype)
         return jnp.broadcast_to(self.loc, shape) + jnp.broadcast_to(self.scale, shape) * noise
 
-    @jax.jit
+    @_method()
     def log_prob(self, x):
         x, loc, scale = jnp.broadcast_arrays(jnp.asarray(x, self.dtype), self.loc, self.scale)
         z = (x - loc) / scale
         return -0.5 * jnp.square(z) - jnp.log(scale) - _HALF_LOG_2PI
 
-    @jax.jit
+    @_method()
     def entropy(self):
         # 0.5 log(2 pi e scale^2)
         return jnp.log(self.scale) + (0.5 + _HALF_LOG_2PI)
 
-    @jax.jit
+    @_method("event")
     def mean(self):
         return self.loc
 
-    @jax.jit
+    @_method("event")
     def variance(self):
         return jnp.square(self.scale)
 
@@ -309,37 +362,40 @@ class MultivariateNormalDiag(Distribution):
                 f"`loc` and `scale_diag` need an event axis, got shapes {loc.shape} and {scale_diag.shape}."
             )
         try:
-            self.loc, self.scale_diag = jnp.broadcast_arrays(loc, scale_diag)
+            self.loc, self.scale_diag = _broadcast_arrays(loc, scale_diag)
         except ValueError:
             raise ValueError(
                 f"`loc` {loc.shape} and `scale_diag` {scale_diag.shape} do not broadcast."
             ) from None
 
-    @_jit_sampler
+    def _valid(self):
+        return jnp.all(jnp.isfinite(self.loc) & _positive(self.scale_diag), axis=-1)
+
+    @_method("event", static_argnums=2)
     def _sample(self, key, shape):
         shape = self._full_shape(shape)
         noise = jax.random.normal(key, shape, self.dtype)
         return jnp.broadcast_to(self.loc, shape) + jnp.broadcast_to(self.scale_diag, shape) * noise
 
-    @jax.jit
+    @_method()
     def log_prob(self, x):
         x, loc, scale = jnp.broadcast_arrays(jnp.asarray(x, self.dtype), self.loc, self.scale_diag)
         z = (x - loc) / scale
         return jnp.sum(-0.5 * jnp.square(z) - jnp.log(scale) - _HALF_LOG_2PI, axis=-1)
 
-    @jax.jit
+    @_method()
     def entropy(self):
         return jnp.sum(jnp.log(self.scale_diag) + (0.5 + _HALF_LOG_2PI), axis=-1)
 
-    @jax.jit
+    @_method("event")
     def mean(self):
         return self.loc
 
-    @jax.jit
+    @_method("event")
     def variance(self):
         return jnp.square(self.scale_diag)
 
-    @jax.jit
+    @_method(2)
     def covariance(self):
         return jnp.vectorize(jnp.diag, signature="(d)->(d,d)")(jnp.square(self.scale_diag))
 
@@ -392,7 +448,12 @@ class MultivariateNormalTriL(Distribution):
             _check_positive("diagonal of scale_tril", np.diagonal(np.asarray(scale_tril), axis1=-2, axis2=-1))
         self.loc, self.scale_tril = _broadcast_batch({"loc": loc, "scale_tril": scale_tril}, (1, 2))
 
-    @_jit_sampler
+    def _valid(self):
+        diagonal = jnp.diagonal(self.scale_tril, axis1=-2, axis2=-1)
+        finite = jnp.all(jnp.isfinite(self.scale_tril), axis=(-2, -1))
+        return jnp.all(jnp.isfinite(self.loc) & _positive(diagonal), axis=-1) & finite
+
+    @_method("event", static_argnums=2)
     def _sample(self, key, shape):
         sample_shape = _sample_shape(shape)
         batch, d = self.batch_shape, self.loc.shape[-1]
@@ -403,7 +464,7 @@ class MultivariateNormalTriL(Distribution):
         draws = jnp.moveaxis(draws, -1, 0).reshape(sample_shape + batch + (d,))
         return draws + jnp.broadcast_to(self.loc, draws.shape)
 
-    @jax.jit
+    @_method()
     def log_prob(self, x):
         x = jnp.asarray(x, self.dtype)
         batch_ndims = max(x.ndim - 1, self.loc.ndim - 1)
@@ -413,22 +474,22 @@ class MultivariateNormalTriL(Distribution):
             _lift_to_rank(self.scale_tril, 2, batch_ndims),
         )
 
-    @jax.jit
+    @_method()
     def entropy(self):
         d = self.loc.shape[-1]
         log_det = jnp.sum(jnp.log(jnp.diagonal(self.scale_tril, axis1=-2, axis2=-1)), axis=-1)
         return log_det + d * (0.5 + _HALF_LOG_2PI)
 
-    @jax.jit
+    @_method("event")
     def mean(self):
         return self.loc
 
-    @jax.jit
+    @_method("event")
     def variance(self):
         # diag(L L^T)_i = sum_j L_ij^2
         return jnp.sum(jnp.square(self.scale_tril), axis=-1)
 
-    @jax.jit
+    @_method(2)
     def covariance(self):
         return jnp.matmul(self.scale_tril, jnp.swapaxes(self.scale_tril, -1, -2))
 
@@ -490,12 +551,12 @@ class Categorical(Distribution):
     def probs(self) -> jax.Array:
         return jax.nn.softmax(self.logits, axis=-1)
 
-    @_jit_sampler
+    @_method("event", static_argnums=2)
     def _sample(self, key, shape):
         shape = _sample_shape(shape) + self.batch_shape
         return jax.random.categorical(key, self.logits, axis=-1, shape=shape).astype(jnp.int32)
 
-    @jax.jit
+    @_method()
     def log_prob(self, x):
         x = jnp.asarray(x)
         k = self.num_categories
@@ -509,7 +570,7 @@ class Categorical(Distribution):
         values = jnp.take_along_axis(log_probs, index[..., None], axis=-1)[..., 0]
         return jnp.where(valid, values, -jnp.inf)
 
-    @jax.jit
+    @_method()
     def entropy(self):
         return -jnp.sum(_p_log_p(self.log_probs), axis=-1)
 
@@ -541,27 +602,27 @@ class Bernoulli(Distribution):
     def probs(self) -> jax.Array:
         return jax.nn.sigmoid(self.logits)
 
-    @_jit_sampler
+    @_method("event", static_argnums=2)
     def _sample(self, key, shape):
         shape = self._full_shape(shape)
         uniform = jax.random.uniform(key, shape, self.dtype)
         return (uniform < jnp.broadcast_to(self.probs, shape)).astype(jnp.int32)
 
-    @jax.jit
+    @_method()
     def log_prob(self, x):
         x, logits = jnp.broadcast_arrays(jnp.asarray(x, self.dtype), self.logits)
         log_one, log_zero = jax.nn.log_sigmoid(logits), jax.nn.log_sigmoid(-logits)
         return jnp.where(x == 1, log_one, jnp.where(x == 0, log_zero, -jnp.inf))
 
-    @jax.jit
+    @_method()
     def entropy(self):
         return -(_p_log_p(jax.nn.log_sigmoid(self.logits)) + _p_log_p(jax.nn.log_sigmoid(-self.logits)))
 
-    @jax.jit
+    @_method("event")
     def mean(self):
         return self.probs
 
-    @jax.jit
+    @_method("event")
     def variance(self):
         return self.probs * jax.nn.sigmoid(-self.logits)
 
@@ -589,12 +650,15 @@ class Poisson(Distribution):
         _check_positive("rate", rate)
         self.rate = rate
 
-    @_jit_sampler
+    def _valid(self):
+        return _positive(self.rate)
+
+    @_method("event", static_argnums=2)
     def _sample(self, key, shape):
         shape = self._full_shape(shape)
         return jax.random.poisson(key, jnp.broadcast_to(self.rate, shape), shape, dtype=jnp.int32)
 
-    @jax.jit
+    @_method()
     def log_prob(self, x):
         x = jnp.asarray(x)
         valid = (x >= 0) & (jnp.floor(x) == x)
@@ -603,7 +667,7 @@ class Poisson(Distribution):
         values = xlogy(safe_x, rate) - rate - gammaln(safe_x + 1)
         return jnp.where(valid, values, -jnp.inf)
 
-    @jax.jit
+    @_method()
     def entropy(self):
         rate = self.rate
         large = rate >= _POISSON_ENTROPY_SWITCH
@@ -620,11 +684,11 @@ class Poisson(Distribution):
                   - inverse * (1 / 12 + inverse * (1 / 24 + inverse * (19 / 360))))
         return jnp.where(large, series, exact)
 
-    @jax.jit
+    @_method("event")
     def mean(self):
         return self.rate
 
-    @jax.jit
+    @_method("event")
     def variance(self):
         return self.rate
 
@@ -635,7 +699,7 @@ class Poisson(Distribution):
 
 
 class Gamma(Distribution):
-    """Gamma distribution with shape ``concentration`` k and ``rate`` b: density b^k x^(k-1) e^(-b x) / Gamma(k).
+    """Gamma distribution with shape k and rate b: density b^k x^(k-1) e^(-b x) / Gamma(k) on x >= 0.
 
     Args:
       concentration: shape k > 0.
@@ -653,15 +717,18 @@ class Gamma(Distribution):
         concentration, rate = _as_parameters({"concentration": concentration, "rate": rate})
         _check_positive("concentration", concentration)
         _check_positive("rate", rate)
-        self.concentration, self.rate = jnp.broadcast_arrays(concentration, rate)
+        self.concentration, self.rate = _broadcast_arrays(concentration, rate)
 
-    @_jit_sampler
+    def _valid(self):
+        return _positive(self.concentration) & _positive(self.rate)
+
+    @_method("event", static_argnums=2)
     def _sample(self, key, shape):
         shape = self._full_shape(shape)
         standard = jax.random.gamma(key, jnp.broadcast_to(self.concentration, shape), shape, self.dtype)
         return standard / jnp.broadcast_to(self.rate, shape)
 
-    @jax.jit
+    @_method()
     def log_prob(self, x):
         x, k, rate = jnp.broadcast_arrays(jnp.asarray(x, self.dtype), self.concentration, self.rate)
         inside = x >= 0
@@ -669,17 +736,17 @@ class Gamma(Distribution):
         values = xlogy(k, rate) + xlogy(k - 1, safe_x) - rate * safe_x - gammaln(k)
         return jnp.where(inside, values, -jnp.inf)
 
-    @jax.jit
+    @_method()
     def entropy(self):
         k = self.concentration
         # k - log b + log Gamma(k) + (1 - k) psi(k)
         return k - jnp.log(self.rate) + gammaln(k) + (1 - k) * digamma(k)
 
-    @jax.jit
+    @_method("event")
     def mean(self):
         return self.concentration / self.rate
 
-    @jax.jit
+    @_method("event")
     def variance(self):
         return self.concentration / jnp.square(self.rate)
 
@@ -703,16 +770,19 @@ class Beta(Distribution):
         alpha, beta = _as_parameters({"alpha": alpha, "beta": beta})
         _check_positive("alpha", alpha)
         _check_positive("beta", beta)
-        self.alpha, self.beta = jnp.broadcast_arrays(alpha, beta)
+        self.alpha, self.beta = _broadcast_arrays(alpha, beta)
 
-    @_jit_sampler
+    def _valid(self):
+        return _positive(self.alpha) & _positive(self.beta)
+
+    @_method("event", static_argnums=2)
     def _sample(self, key, shape):
         shape = self._full_shape(shape)
         return jax.random.beta(
             key, jnp.broadcast_to(self.alpha, shape), jnp.broadcast_to(self.beta, shape), shape, self.dtype
         )
 
-    @jax.jit
+    @_method()
     def log_prob(self, x):
         x, alpha, beta = jnp.broadcast_arrays(jnp.asarray(x, self.dtype), self.alpha, self.beta)
         inside = (x >= 0) & (x <= 1)
@@ -720,16 +790,16 @@ class Beta(Distribution):
         values = xlogy(alpha - 1, safe_x) + xlog1py(beta - 1, -safe_x) - betaln(alpha, beta)
         return jnp.where(inside, values, -jnp.inf)
 
-    @jax.jit
+    @_method()
     def entropy(self):
         a, b = self.alpha, self.beta
         return betaln(a, b) - (a - 1) * digamma(a) - (b - 1) * digamma(b) + (a + b - 2) * digamma(a + b)
 
-    @jax.jit
+    @_method("event")
     def mean(self):
         return self.alpha / (self.alpha + self.beta)
 
-    @jax.jit
+    @_method("event")
     def variance(self):
         total = self.alpha + self.beta
         return self.alpha * self.beta / (jnp.square(total) * (total + 1))
@@ -737,6 +807,8 @@ class Beta(Distribution):
 
 class Dirichlet(Distribution):
     """Dirichlet distribution on the (k-1)-simplex with ``concentration`` of shape ``batch + (k,)``.
+
+    ``log_prob(x)`` assumes ``x`` lies on the simplex (the sum is not checked; negative entries give -inf).
 
     Args:
       concentration: alpha > 0, shape ``batch + (k,)``, k >= 2.
@@ -757,16 +829,21 @@ class Dirichlet(Distribution):
     def __init__(self, concentration):
         (concentration,) = _as_parameters({"concentration": concentration})
         if concentration.ndim < 1 or concentration.shape[-1] < 2:
-            raise ValueError(f"`concentration` must have shape batch + (k,) with k >= 2, got {concentration.shape}.")
+            raise ValueError(
+                f"`concentration` must have shape batch + (k,) with k >= 2, got {concentration.shape}."
+            )
         _check_positive("concentration", concentration)
         self.concentration = concentration
 
-    @_jit_sampler
+    def _valid(self):
+        return jnp.all(_positive(self.concentration), axis=-1)
+
+    @_method("event", static_argnums=2)
     def _sample(self, key, shape):
         shape = _sample_shape(shape) + self.batch_shape
         return jax.random.dirichlet(key, self.concentration, shape, self.dtype)
 
-    @jax.jit
+    @_method()
     def log_prob(self, x):
         x, alpha = jnp.broadcast_arrays(jnp.asarray(x, self.dtype), self.concentration)
         inside = jnp.all(x >= 0, axis=-1)
@@ -774,7 +851,7 @@ class Dirichlet(Distribution):
         values = jnp.sum(xlogy(alpha - 1, jnp.where(x >= 0, x, jnp.ones_like(x))), axis=-1) - log_norm
         return jnp.where(inside, values, -jnp.inf)
 
-    @jax.jit
+    @_method()
     def entropy(self):
         alpha = self.concentration
         k = alpha.shape[-1]
@@ -782,11 +859,11 @@ class Dirichlet(Distribution):
         log_norm = jnp.sum(gammaln(alpha), axis=-1) - gammaln(total)
         return log_norm + (total - k) * digamma(total) - jnp.sum((alpha - 1) * digamma(alpha), axis=-1)
 
-    @jax.jit
+    @_method("event")
     def mean(self):
         return self.concentration / jnp.sum(self.concentration, axis=-1, keepdims=True)
 
-    @jax.jit
+    @_method("event")
     def variance(self):
         alpha = self.concentration
         total = jnp.sum(alpha, axis=-1, keepdims=True)
@@ -817,28 +894,31 @@ class Laplace(Distribution):
         loc, scale = _as_parameters({"loc": loc, "scale": scale})
         _check_finite("loc", loc)
         _check_positive("scale", scale)
-        self.loc, self.scale = jnp.broadcast_arrays(loc, scale)
+        self.loc, self.scale = _broadcast_arrays(loc, scale)
 
-    @_jit_sampler
+    def _valid(self):
+        return jnp.isfinite(self.loc) & _positive(self.scale)
+
+    @_method("event", static_argnums=2)
     def _sample(self, key, shape):
         shape = self._full_shape(shape)
         noise = jax.random.laplace(key, shape, self.dtype)
         return jnp.broadcast_to(self.loc, shape) + jnp.broadcast_to(self.scale, shape) * noise
 
-    @jax.jit
+    @_method()
     def log_prob(self, x):
         x, loc, scale = jnp.broadcast_arrays(jnp.asarray(x, self.dtype), self.loc, self.scale)
         return -jnp.abs(x - loc) / scale - jnp.log(2 * scale)
 
-    @jax.jit
+    @_method()
     def entropy(self):
         return 1 + jnp.log(2 * self.scale)
 
-    @jax.jit
+    @_method("event")
     def mean(self):
         return self.loc
 
-    @jax.jit
+    @_method("event")
     def variance(self):
         return 2 * jnp.square(self.scale)
 
@@ -862,24 +942,27 @@ class Exponential(Distribution):
         _check_positive("rate", rate)
         self.rate = rate
 
-    @_jit_sampler
+    def _valid(self):
+        return _positive(self.rate)
+
+    @_method("event", static_argnums=2)
     def _sample(self, key, shape):
         shape = self._full_shape(shape)
         return jax.random.exponential(key, shape, self.dtype) / jnp.broadcast_to(self.rate, shape)
 
-    @jax.jit
+    @_method()
     def log_prob(self, x):
         x, rate = jnp.broadcast_arrays(jnp.asarray(x, self.dtype), self.rate)
         return jnp.where(x >= 0, jnp.log(rate) - rate * x, -jnp.inf)
 
-    @jax.jit
+    @_method()
     def entropy(self):
         return 1 - jnp.log(self.rate)
 
-    @jax.jit
+    @_method("event")
     def mean(self):
         return 1 / self.rate
 
-    @jax.jit
+    @_method("event")
     def variance(self):
         return 1 / jnp.square(self.rate)
