@@ -1,0 +1,312 @@
+"""The VI experiments (experiments/vi_conjugate, vi_bimodal, vi_logistic, vae_digits) at small scale.
+
+Each experiment runs in-process through its ``main([... "--quick", "--out", tmp])``; the exact-answer
+cases are checked against independent truths: the conjugate posterior and evidence against generic
+Gaussian conditioning and SciPy, the single-sample gradient variances against their closed forms,
+the forward-KL fit against moment matching, and the reverse-KL optima against SciPy's optimiser on a
+SciPy-integrated objective.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import integrate, optimize, stats
+
+from experiments import vae_digits, vi_bimodal, vi_conjugate, vi_logistic
+
+DATA = [0.5, 1.2, -0.3, 0.8, 1.0]
+
+
+# --------------------------------------------------------------------------------------------------
+# vi_conjugate
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prior_scale, noise_scale", [(1.0, 1.0), (1.3, 0.7), (0.4, 2.0)])
+def test_conjugate_closed_forms_match_gaussian_conditioning(prior_scale, noise_scale):
+    x = np.array(DATA)
+    n = x.size
+    # (z, x) is jointly Gaussian: Cov(x) = s^2 I + s0^2 1 1^T, Cov(z, x) = s0^2 1^T.
+    cov_x = noise_scale**2 * np.eye(n) + prior_scale**2 * np.ones((n, n))
+    cross = prior_scale**2 * np.ones(n)
+    mean = cross @ np.linalg.solve(cov_x, x)
+    var = prior_scale**2 - cross @ np.linalg.solve(cov_x, cross)
+    got_mean, got_var = vi_conjugate.exact_posterior(DATA, prior_scale, noise_scale)
+    np.testing.assert_allclose([got_mean, got_var], [mean, var], rtol=1e-12)
+    expected = stats.multivariate_normal(np.zeros(n), cov_x).logpdf(x)
+    np.testing.assert_allclose(vi_conjugate.log_evidence(DATA, prior_scale, noise_scale), expected, rtol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def conjugate(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vi_conjugate")
+    metrics = vi_conjugate.main(["--quick", "--no-progress", "--out", str(out), "--data", ",".join(map(str, DATA)),
+                                 "--prior-scale", "1", "--noise-scale", "1"])
+    return metrics, out
+
+
+def test_conjugate_writes_the_promised_metrics_and_figure(conjugate):
+    metrics, out = conjugate
+    assert json.loads((out / "metrics.json").read_text())["log_evidence"] == pytest.approx(metrics["log_evidence"])
+    assert (out / "elbo_and_gradient_variance.png").stat().st_size > 0
+    assert set(metrics["posterior"]) == {"mean", "var"}
+    assert set(metrics["fits"]) == {"analytic_kl", "mc_kl", "stl"}
+    for fit in metrics["fits"].values():
+        assert {"mean", "var"} <= set(fit)
+    assert set(metrics["grad_variance_at_posterior"]) == {"total_derivative", "stl"}
+    assert all(len(v) == 2 for v in metrics["grad_variance_at_posterior"].values())
+    assert "![" in vi_conjugate.report(metrics, "vi_conjugate")
+
+
+def test_conjugate_fits_match_the_exact_posterior(conjugate):
+    metrics, _ = conjugate
+    mean, var = metrics["posterior"]["mean"], metrics["posterior"]["var"]
+    assert (mean, var) == pytest.approx((8 / 15, 1 / 6), rel=1e-12)
+    # Over seeds, the averaged S = 1 iterates scatter with sd ~0.02 posterior sds in the mean and ~2.5%
+    # in the variance (4000 steps); the tolerances are about 5 of those.
+    for name in ("analytic_kl", "mc_kl"):
+        fit = metrics["fits"][name]
+        assert abs(fit["mean"] - mean) < 0.1 * math.sqrt(var), name
+        assert abs(fit["var"] / var - 1) < 0.125, name
+        assert fit["elbo"] <= metrics["log_evidence"] + 1e-12
+    # STL's gradient vanishes at the optimum for every eps, so its iterates land on it.
+    stl = metrics["fits"]["stl"]
+    assert stl["mean"] == pytest.approx(mean, abs=1e-6)
+    assert stl["var"] == pytest.approx(var, rel=1e-6)
+    assert stl["kl_to_posterior"] < 1e-10
+
+
+def test_conjugate_gradient_variance_at_the_posterior(conjugate):
+    metrics, _ = conjugate
+    draws = metrics["config"]["num_draws"]
+    v = metrics["posterior"]["var"]
+    total = metrics["grad_variance_at_posterior"]["total_derivative"]
+    stl = metrics["grad_variance_at_posterior"]["stl"]
+    # Total derivative at the posterior = -(score): (-eps / sigma, 1 - eps^2), variances (1 / v, 2).
+    # Standard error of a sample variance: sqrt((mu_4 - sigma^4) / N); mu_4 = 3 sigma^4 for the normal
+    # coordinate and E(eps^2 - 1)^4 = 60 for the other.
+    assert total[0] == pytest.approx(1 / v, abs=5 * math.sqrt(2 / draws) / v)
+    assert total[1] == pytest.approx(2.0, abs=5 * math.sqrt((60 - 4) / draws))
+    assert max(stl) < 1e-12 * min(total)
+    # The closed-form KL keeps the likelihood term's noise: Var d/d mean = n^2 v / s^4 = 25 / 6.
+    analytic = metrics["grad_variance_by_kl_term"]["analytic_kl"]
+    assert analytic[0] == pytest.approx(25 / 6, abs=5 * math.sqrt(2 / draws) * 25 / 6)
+
+
+@pytest.mark.parametrize("estimator", ["analytic_kl", "mc_kl", "mc_kl_k3", "stl"])
+def test_conjugate_estimators_are_unbiased_away_from_the_posterior(estimator):
+    # At q = N(0.1, 0.8^2) the exact -ELBO gradient is d/dphi KL(q || posterior) (log p(x) is constant).
+    data = jnp.asarray(DATA, jnp.float64)
+    mean, var = vi_conjugate.exact_posterior(DATA, 1.0, 1.0)
+    params = jnp.array([0.1, math.log(0.8)], jnp.float64)
+
+    def exact(p):
+        sigma = jnp.exp(p[1])
+        return 0.5 * (sigma**2 / var + (p[0] - mean) ** 2 / var - 1) - jnp.log(sigma / math.sqrt(var))
+
+    grads = jax.jit(jax.vmap(jax.grad(lambda p, k: vi_conjugate.negative_elbo(
+        p, k, data=data, prior_scale=1.0, noise_scale=1.0, estimator=estimator)), in_axes=(None, 0)))(
+        params, jax.random.split(jax.random.key(3), 20_000))
+    grads = np.asarray(grads)
+    stderr = grads.std(axis=0, ddof=1) / math.sqrt(grads.shape[0])
+    np.testing.assert_array_less(np.abs(grads.mean(axis=0) - np.asarray(jax.grad(exact)(params))),
+                                 5 * stderr + 1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# vi_bimodal
+# --------------------------------------------------------------------------------------------------
+
+
+def _mixture_logpdf(x, a):
+    return np.logaddexp(stats.norm.logpdf(x, -a, 1), stats.norm.logpdf(x, a, 1)) - math.log(2)
+
+
+def _quad(function, low, high):
+    # log p bends sharply at 0 (width 1 / (2a)); tell QUADPACK where.
+    return integrate.quad(function, low, high, limit=400, epsabs=1e-13, epsrel=1e-12, points=[0.0])[0]
+
+
+def _scipy_reverse_kl(mean, std, a):
+    f = lambda x: stats.norm.pdf(x, mean, std) * (stats.norm.logpdf(x, mean, std) - _mixture_logpdf(x, a))
+    return _quad(f, mean - 12 * std, mean + 12 * std)
+
+
+@pytest.mark.parametrize("mean, std, a", [(0.0, 2.0, 2.0), (3.1, 0.9, 3.0), (-1.0, 3.0, 4.0), (0.0, 0.3, 4.0)])
+def test_bimodal_quadratures_match_scipy(mean, std, a):
+    assert vi_bimodal.reverse_kl_quadrature(mean, std, a) == pytest.approx(_scipy_reverse_kl(mean, std, a),
+                                                                           abs=1e-9)
+    forward = _quad(lambda x: np.exp(_mixture_logpdf(x, a)) * (_mixture_logpdf(x, a)
+                                                              - stats.norm.logpdf(x, mean, std)), -a - 12, a + 12)
+    assert vi_bimodal.forward_kl_quadrature(mean, std, a) == pytest.approx(forward, abs=1e-9)
+
+
+@pytest.fixture(scope="module")
+def bimodal(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vi_bimodal")
+    metrics = vi_bimodal.main(["--quick", "--no-progress", "--out", str(out), "--separations", "2,4",
+                               "--steps", "800", "--num-inits", "5", "--check-samples", "20000"])
+    return metrics, out
+
+
+def test_bimodal_forward_fit_matches_moments(bimodal):
+    metrics, out = bimodal
+    assert (out / "forward_vs_reverse.png").stat().st_size > 0
+    for result in metrics["results"]:
+        a = result["separation"]
+        assert set(result) >= {"separation", "forward", "reverse"}
+        assert set(result["reverse"]) >= {"mean", "std", "kl"}
+        # 64 fresh draws per step: the end point scatters by ~1-2% of sqrt(1 + a^2).
+        target_std = math.sqrt(1 + a * a)
+        assert result["forward"]["analytic"] == {"mean": 0.0, "std": target_std,
+                                                 "kl": result["forward"]["analytic"]["kl"]}
+        assert abs(result["forward"]["mean"]) < 0.1 * target_std
+        assert result["forward"]["std"] == pytest.approx(target_std, rel=0.05)
+
+
+def _scipy_reverse_optima(a):
+    # SciPy's optimiser on the quadrature objective (itself checked against QUADPACK above).
+    found = []
+    for start in ([-a, 0.0], [a, 0.0], [0.0, math.log(1 + a)]):
+        res = optimize.minimize(lambda p: vi_bimodal.reverse_kl_quadrature(p[0], math.exp(p[1]), a), start,
+                                method="BFGS", options={"gtol": 1e-8})
+        found.append((res.x[0], math.exp(res.x[1]), res.fun))
+    return found
+
+
+def test_bimodal_reverse_fit_seeks_a_mode_when_modes_separate(bimodal):
+    metrics, _ = bimodal
+    by_a = {r["separation"]: r for r in metrics["results"]}
+    found = {f["separation"]: f["optima"] for f in metrics["reverse_optima_found"]}
+
+    # a = 4: best reverse fit sits on one mode, N(+-4, ~1), KL ~ log 2 (the other mode is ignored).
+    best = by_a[4.0]["reverse"]
+    assert abs(abs(best["mean"]) - 4.0) < 0.1
+    assert best["std"] == pytest.approx(1.0, abs=0.05)
+    assert best["kl"] == pytest.approx(math.log(2), abs=0.005)
+    # k1 from samples of q agrees with quadrature; k3 misses the other mode's mass (about log 2 - 1/2).
+    assert abs(best["kl_mc_k1"] - best["kl"]) < 5 * best["kl_mc_k1_stderr"] + 1e-6
+    assert best["kl_mc_k3"] < best["kl"] - 0.3
+    # Both modes and the centred local optimum, each matching SciPy's optimiser on the quad objective.
+    scipy_optima = _scipy_reverse_optima(4.0)
+    for mean, std, kl in scipy_optima:
+        match = [o for o in found[4.0] if abs(o["mean"] - mean) < 0.15 * std and abs(o["std"] - std) < 0.05 * std]
+        assert match, (mean, std, found[4.0])
+        assert match[0]["kl"] == pytest.approx(kl, abs=0.01)
+
+    # a = 2: the modes overlap; the only optimum is centred, matching SciPy's.
+    mean, std, kl = _scipy_reverse_optima(2.0)[2]
+    assert abs(mean) < 1e-3
+    assert len(found[2.0]) == 1
+    assert abs(by_a[2.0]["reverse"]["mean"]) < 0.1
+    assert by_a[2.0]["reverse"]["std"] == pytest.approx(std, rel=0.03)
+    assert by_a[2.0]["reverse"]["kl"] == pytest.approx(kl, abs=0.005)
+
+
+def test_symmetric_mixture_samples_and_density():
+    mixture = vi_bimodal.SymmetricMixture(jnp.asarray(3.0, jnp.float64))
+    x = np.linspace(-8, 8, 41)
+    np.testing.assert_allclose(mixture.log_prob(jnp.asarray(x)), _mixture_logpdf(x, 3.0), rtol=1e-12)
+    draws = np.asarray(mixture.sample(jax.random.key(0), (40_000,)))
+    # E x = 0, E x^2 = 1 + a^2; standard errors sqrt(10 / n) and sqrt(Var x^2 / n).
+    assert abs(draws.mean()) < 5 * math.sqrt(10 / draws.size)
+    second = draws**2
+    assert abs(second.mean() - 10) < 5 * second.std() / math.sqrt(draws.size)
+
+
+# --------------------------------------------------------------------------------------------------
+# vi_logistic
+# --------------------------------------------------------------------------------------------------
+
+
+def test_predictive_metrics_by_hand():
+    # One draw whose logits give P(y = 1) = 0.93, 0.22, 0.64, 0.45 (features = identity); labels 1, 0, 0, 0.
+    probability = np.array([0.93, 0.22, 0.64, 0.45])
+    draws = np.log(probability / (1 - probability))[None, :]
+    labels = np.array([1.0, 0.0, 0.0, 0.0])
+    got = vi_logistic.predictive_metrics(draws, np.eye(4), labels, num_bins=5)
+    # Predictions 1, 0, 1, 0: 3 of 4 correct; confidences 0.93, 0.78, 0.64, 0.55.
+    assert got["accuracy"] == pytest.approx(0.75)
+    assert got["log_loss"] == pytest.approx(-np.mean(np.log([0.93, 0.78, 0.36, 0.55])), rel=1e-9)
+    # Bins of width 0.1 on [0.5, 1] hold one point each (weight 1/4): |accuracy - confidence| per bin.
+    expected_ece = 0.25 * (abs(1 - 0.93) + abs(1 - 0.78) + abs(0 - 0.64) + abs(1 - 0.55))
+    assert got["ece"] == pytest.approx(expected_ece, rel=1e-9)
+    assert [b["count"] for b in got["reliability"]] == [1, 1, 1, 1]
+
+
+@pytest.fixture(scope="module")
+def logistic(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vi_logistic")
+    metrics = vi_logistic.main(["--quick", "--no-progress", "--out", str(out), "--num-warmup", "200",
+                                "--num-samples", "300", "--steps", "600"])
+    return metrics, out
+
+
+def test_logistic_full_rank_is_closer_to_nuts_than_mean_field(logistic):
+    metrics, out = logistic
+    for name in ("posteriors.png", "reliability.png"):
+        assert (out / name).stat().st_size > 0
+    results = metrics["results"]
+    mean_field, full_rank = results["mean_field"], results["full_rank"]
+    for direction in ("kl_reference_to_q", "kl_q_to_reference"):
+        assert 0 < full_rank["kl_closed_form_gaussian"][direction] < mean_field["kl_closed_form_gaussian"][direction]
+    # Mean field under-estimates the marginal spread of correlated weights; full rank does not.
+    assert mean_field["std_ratio_to_reference"]["median"] < 0.85
+    assert full_rank["std_ratio_to_reference"]["median"] == pytest.approx(1.0, abs=0.15)
+    if metrics["knn_available"]:
+        # Only this direction is trustworthy in d = 31 at this n (see the experiment's report).
+        assert full_rank["kl_knn"]["kl_q_to_reference"] < mean_field["kl_knn"]["kl_q_to_reference"]
+    for name in ("nuts", "mean_field", "full_rank"):
+        assert results[name]["test"]["accuracy"] > 0.9
+        assert 0 <= results[name]["test"]["ece"] < 0.2
+    assert "n/a" in vi_logistic.report(metrics, "x") or metrics["knn_available"]
+
+
+# --------------------------------------------------------------------------------------------------
+# vae_digits
+# --------------------------------------------------------------------------------------------------
+
+
+def test_vae_kl_terms_agree_in_expectation():
+    # Both KL terms estimate the same ELBO: their means over eps agree within 5 standard errors.
+    x_train, _, _, _ = vae_digits.load_data(0)
+    x = jnp.asarray(x_train[0], jnp.float64)
+    params = vae_digits.init_params(jax.random.key(1), 16, jnp.float64)
+    keys = jax.random.split(jax.random.key(2), 10_000)
+
+    @jax.jit
+    def kl_difference(keys):
+        # Same eps for both: only the KL estimate differs.
+        elbo = lambda k, term: vae_digits.example_elbo(params, x, k, term)
+        return jax.vmap(lambda k: elbo(k, "monte_carlo_k1") - elbo(k, "closed_form"))(keys)
+
+    difference = np.asarray(kl_difference(keys))
+    assert abs(difference.mean()) < 5 * difference.std(ddof=1) / math.sqrt(difference.size)
+    assert difference.std() > 0
+
+
+def test_vae_runs_and_reports(tmp_path):
+    metrics = vae_digits.main(["--quick", "--no-progress", "--out", str(tmp_path), "--epochs", "6",
+                               "--grad-draws", "16", "--hidden", "32"])
+    for name in ("elbo_and_gradient_variance.png", "reconstructions.png", "latent.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    for run in metrics["runs"].values():
+        curve = [c["elbo"] for c in run["test_curve"]]
+        assert all(np.isfinite(curve))
+        assert curve[-1] > curve[0]                 # training helps on held-out images
+        assert -64 * math.log(2) - 50 < run["test_elbo"] < 0
+        for row in run["gradient_variance"]:
+            # The decoder never sees the KL term: same eps, same decoder gradients.
+            assert row["monte_carlo_k1"]["decoder"] == pytest.approx(row["closed_form"]["decoder"], rel=1e-9)
+        # At initialisation q(z | x) is close to the prior: the closed-form KL gradient is small while the
+        # k1 term adds the full score noise to the encoder.
+        first = run["gradient_variance"][0]
+        assert first["epoch"] == 0
+        assert first["monte_carlo_k1"]["encoder"] > 2 * first["closed_form"]["encoder"]
+    assert "![latent]" in vae_digits.report(metrics, "vae_digits")
