@@ -4,8 +4,8 @@
     python -m experiments.drift_monitor --repeats 2 --windows 20 --window-size 100
 
 Setup. scikit-learn's bundled digits are split (stratified, per repeat) into a training set (40 %), a
-reference set (24 %) and a production pool (36 %, about 65 images per class). A logistic-regression classifier is trained on the
-training set. A production stream is a sequence of ``--windows`` windows of ``--window-size`` images
+reference set (24 %) and a production pool (36 %, about 65 images per class). A logistic-regression
+classifier is trained on the training set. A production stream is a sequence of ``--windows`` windows of ``--window-size`` images
 drawn from the pool; the first ``--clean-windows`` are unshifted, then the shift severity s grows
 linearly from 0 to 1 at the last window. Three kinds of shift:
 
