@@ -103,14 +103,32 @@ def true_kl(d: int) -> dict:
 
 
 def sample_sets(seed: int, d: int, n: int, num_sets: int, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """``num_sets`` independent (x, y) pairs, x ~ P and y ~ Q, each of shape (num_sets, n, d)."""
+    """``num_sets`` independent (x, y) pairs, x ~ P and y ~ Q, each of shape (num_sets, n, d).
+
+    Rounded to ``dtype``, draws can coincide (in float32, 10^4 draws in d = 1 usually hold a pair):
+    a zero neighbour distance makes every k-NN estimator undefined (log 0), so points of a set that
+    coincide with an earlier point of x or y are redrawn until all 2n points are distinct. This
+    changes the distribution only by the rounding that created the coincidence.
+    """
     loc_p, tril_p, loc_q, tril_q = gaussian_pair(d)
     rng = np.random.default_rng(np.random.SeedSequence([seed, d, n]))
-    z_x = rng.standard_normal((num_sets, n, d))
-    z_y = rng.standard_normal((num_sets, n, d))
-    x = loc_p + z_x @ tril_p.T
-    y = loc_q + z_y @ tril_q.T
-    return x.astype(dtype), y.astype(dtype)
+
+    def draw(loc, tril, shape):
+        return (loc + rng.standard_normal(shape + (d,)) @ tril.T).astype(dtype)
+
+    x = draw(loc_p, tril_p, (num_sets, n))
+    y = draw(loc_q, tril_q, (num_sets, n))
+    for s in range(num_sets):
+        while True:
+            both = np.concatenate([x[s], y[s]])
+            _, first = np.unique(both, axis=0, return_index=True)
+            repeated = np.setdiff1d(np.arange(2 * n), first)
+            if repeated.size == 0:
+                break
+            in_x, in_y = repeated[repeated < n], repeated[repeated >= n] - n
+            x[s, in_x] = draw(loc_p, tril_p, (in_x.size,))
+            y[s, in_y] = draw(loc_q, tril_q, (in_y.size,))
+    return x, y
 
 
 # ----------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ d      n       ``weighted`` (def.)   ``wkv``         ``wkv_adaptive``
 
 At d = 2 no estimator can do much better: the spread of the efficient (oracle) estimator alone is
 about 0.087 at n = 1000. In high dimension every k-NN estimator is biased low (the cross-entropy
-term dominates); the weights remove about a third of that bias.
+term dominates); the weights remove a quarter to a third of that bias.
 
 Duplicated points. The estimators take logarithms of neighbour distances, which are 0 when a
 point has at least k exact copies (in ``x`` for ``rho``, in ``y`` for ``nu``). Such data are not
@@ -222,8 +222,11 @@ def neighbors(queries, refs, k: int, *, exclude_self: bool = False, block_size: 
     device searches its shard under ``jax.shard_map`` and the per-shard candidates are gathered and
     merged; the answer is identical to the single-device one. The same holds across processes after
     ``jax.distributed.initialize(...)`` with a global array from
-    ``jax.make_array_from_process_local_data`` (the result is then replicated on every process).
-    Inside a user's ``jax.jit`` the sharding is not visible and XLA partitions the plain search.
+    ``jax.make_array_from_process_local_data`` (the result is then replicated on every process;
+    the CPU backend's cross-process collectives are gloo's, JAX's default). Inside a user's
+    ``jax.jit`` the sharding is not visible: XLA partitions the plain brute-force search, while
+    the k-d tree's host callback cannot be partitioned (use ``method="brute"`` there, or call
+    outside ``jit``).
 
     Args:
         queries: points, shape ``(..., n, d)``.
@@ -232,9 +235,10 @@ def neighbors(queries, refs, k: int, *, exclude_self: bool = False, block_size: 
         exclude_self: ``queries`` *are* ``refs`` (same shape; row i of both is the same point):
             drop each query's own index i. This goes by index, not by distance 0, so other copies
             of a duplicated point are still returned (at distance 0).
-        block_size: ``None`` computes the dense ``(n, m)`` distance matrix; an int tiles queries and
-            references into ``block_size``-sized blocks with a running top-k, so memory is
-            O(block_size^2 + n k) (brute path; the k-d tree never forms the matrix).
+        block_size: ``None`` computes the dense ``(n, m)`` distance matrix; an int tiles it into
+            blocks of about ``block_size^2`` entries (``block_size / 4`` queries by
+            ``4 block_size`` references) with a running top-k per query, so memory is
+            O(block_size^2 + n k d) (brute path; the k-d tree never forms the matrix).
         method: ``"auto"``, ``"brute"`` or ``"kdtree"``.
 
     Returns:

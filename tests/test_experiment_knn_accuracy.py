@@ -104,3 +104,12 @@ def test_chunked_vmapped_estimates_equal_one_call_and_single_sets():
     np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-12)
     singles = [knn_accuracy.ckdtree_wkv(x[s], y[s], 1) for s in range(5)]
     np.testing.assert_allclose(whole, singles, rtol=0, atol=1e-9)
+
+
+def test_float32_sample_sets_have_no_coincident_points():
+    # 2 * 10^4 float32 draws in d = 1 coincide with high probability; a coincidence makes a
+    # neighbour distance 0 and every estimate undefined, so the study redraws them.
+    x, y = knn_accuracy.sample_sets(0, 1, 10000, 2, np.float32)
+    assert x.dtype == y.dtype == np.float32
+    for s in range(2):
+        assert np.unique(np.concatenate([x[s], y[s]]), axis=0).shape[0] == 20000

@@ -127,19 +127,20 @@ def test_matmul_form_would_fail_far_from_origin():
 def test_tiled_equals_dense_for_every_block_size():
     queries, refs = normal(9, 45, 3), normal(10, 101, 3)
     dense = neighbors(queries, refs, 7, method="brute")
-    for block_size in (1, 44, 101):
+    for block_size in (1, 7, 44):  # tiles (1, 4), (1, 28), (19, 101): padding and several tiles
         assert_same(neighbors(queries, refs, 7, block_size=block_size, method="brute"), dense)
     dense_self = neighbors(refs, refs, 3, exclude_self=True, method="brute")
-    for block_size in (33,):
+    for block_size in (9,):
         assert_same(neighbors(refs, refs, 3, exclude_self=True, block_size=block_size,
                               method="brute"), dense_self)
 
 
 def test_grouped_selection_on_wide_tiles():
-    # m large enough that the two-level (group minima) selection runs, with padding and k > 1.
-    queries, refs = normal(11, 30, 4), normal(12, 1000, 4)
+    # Tiles wide enough for the two-level (group minima) selection, with padding: dense (one
+    # tile of 2048 columns) and block_size=250 (two tiles of 1024).
+    queries, refs = normal(11, 30, 4), normal(12, 2000, 4)
     assert_matches_numpy(neighbors(queries, refs, 5, method="brute"), brute_force(queries, refs, 5))
-    assert_matches_numpy(neighbors(queries, refs, 5, block_size=300, method="brute"),
+    assert_matches_numpy(neighbors(queries, refs, 5, block_size=250, method="brute"),
                          brute_force(queries, refs, 5))
 
 
@@ -310,6 +311,9 @@ def test_errors():
     bad[3, 1] = np.nan
     with pytest.raises(ValueError, match="`refs` contains NaN"):
         neighbors(queries, bad, 1)
+    # No queries: empty results.
+    distances, index = neighbors(np.zeros((0, 2)), refs, 3, method="brute")
+    assert distances.shape == index.shape == (0, 3)
     # Shape errors also at trace time.
     with pytest.raises(ValueError, match="too large"):
         jax.jit(lambda q, r: neighbors(q, r, 9))(queries, refs)
