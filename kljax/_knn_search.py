@@ -7,11 +7,14 @@ Design (why, not what):
 
 * **Tiles.** Queries are cut into tiles with ``lax.map`` and references into tiles with
   ``lax.scan``; each query tile keeps a running top-k that is merged with the top-k of every
-  reference tile, so the peak memory is one ``(block, block)`` tile, never ``(n, m)``.
-  ``block_size=None`` is the dense special case of one tile each.
+  reference tile, so the peak memory is one tile of about ``block_size^2`` entries, never
+  ``(n, m)`` (``block_size=None``: ``_AUTO_BLOCK``; small problems are a single tile).
 * **Exact answers, fast selection.** In dimension ``d >= _GRAM_MIN_DIM`` the tiles hold the
-  Gram form ``|q|^2 - 2 q.r + |r|^2`` of data centred on the reference mean (a matmul, about 3x
-  faster on CPU than summing differences); below it they sum ``sum_c (q_c - r_c)^2``. Selection
+  Gram key ``|r|^2 - 2 q.r`` (the squared distance less ``|q|^2``) of data centred on the
+  reference mean, from one matmul of ``[q, 1]`` with ``[-2 r, |r|^2]``: no elementwise pass and
+  no mask over the tile (padding references have ``|r|^2 = inf``; with ``exclude_self`` one more
+  candidate is kept and the query itself is dropped afterwards). Below it they sum
+  ``sum_c (q_c - r_c)^2``. Selection
   runs on float32 keys (XLA's CPU ``top_k`` is fast only in float32; in float64 it sorts whole
   rows, ~100x slower). ``k + 2`` candidates are kept, their distances recomputed from
   coordinate differences, and every query's answer is certified against rigorous bounds on the
@@ -24,7 +27,8 @@ Design (why, not what):
   reduced to the minima of groups of ``_GROUP`` consecutive columns; ``top_k`` over those group
   minima picks ``k`` groups, which contain ``k`` smallest entries (each selected group holds an
   entry at least as small as anything in an unselected group), and a small ``top_k`` over the
-  ``k * _GROUP`` entries of these groups finishes.
+  ``k * _GROUP`` entries of these groups finishes (for k = 1: argmin over the group minima,
+  then over one group; XLA's CPU argmin is a slow variadic reduction, the minima vectorise).
 * **Ties** are broken by the smaller reference index, which is what a stable ``argsort`` of the
   exact distances gives: candidates are sorted by (exact distance, index), and a tie at the k-th
   distance with a non-candidate fails the certificate and goes to the exact fallback.
@@ -55,9 +59,13 @@ _GRAM_MIN_DIM = 4
 _FALLBACK_ROWS = 64
 # Columns per group in the two-level selection (see module docstring).
 _GROUP = 64
-# Dimension up to which method="auto" uses the k-d tree on CPU (k-d trees lose to brute force in
-# high dimension; at d <= 4 they win by orders of magnitude).
-_KDTREE_MAX_DIM = 4
+# Dimension up to which method="auto" uses the k-d tree on CPU. Measured (Gaussian points, n = m,
+# k = 1, ms, tree / brute): n = 10k: d = 4 14 / 51, d = 6 39 / 49, d = 8 129 / 85; n = 50k:
+# d = 4 95 / 1428, d = 6 401 / 1507, d = 8 1504 / 1791.
+_KDTREE_MAX_DIM = 6
+# Tile size used when ``block_size`` is None: tiles of about 2048^2 entries (16 MiB in float32)
+# are faster than one dense (n, m) tile, whose intermediates do not fit in cache.
+_AUTO_BLOCK = 2048
 _INDEX_DTYPE = jnp.int32
 METHODS = ("auto", "brute", "kdtree")
 
@@ -100,20 +108,28 @@ def _smallest(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """The ``k`` smallest entries of each row and their columns, ascending; among equal values the
     columns chosen are arbitrary (the certification in :func:`brute_indices` catches ties)."""
     rows, width = values.shape
-    if k == 1:
-        column = jnp.argmin(values, axis=1)
-        smallest = jnp.take_along_axis(values, column[:, None], axis=1)
-        return smallest, column[:, None].astype(_INDEX_DTYPE)
     groups = width // _GROUP
     if width % _GROUP or groups < 2 * k:
+        if k == 1:
+            column = jnp.argmin(values, axis=1)[:, None]
+            return jnp.take_along_axis(values, column, axis=1), column.astype(_INDEX_DTYPE)
         negated, column = lax.top_k(-values, k)
         return -negated, column.astype(_INDEX_DTYPE)
     grouped = values.reshape(rows, groups, _GROUP)
-    _, chosen = lax.top_k(-jnp.min(grouped, axis=2), k)
+    group_minima = jnp.min(grouped, axis=2)
+    if k == 1:  # a vectorised min per group, then argmin over the few group minima and one group
+        chosen = jnp.argmin(group_minima, axis=1)[:, None]
+    else:
+        _, chosen = lax.top_k(-group_minima, k)
     candidates = jnp.take_along_axis(grouped, chosen[:, :, None], axis=1).reshape(rows, k * _GROUP)
-    negated, position = lax.top_k(-candidates, k)
+    if k == 1:
+        position = jnp.argmin(candidates, axis=1)[:, None]
+        smallest = jnp.take_along_axis(candidates, position, axis=1)
+    else:
+        negated, position = lax.top_k(-candidates, k)
+        smallest = -negated
     column = jnp.take_along_axis(chosen, position // _GROUP, axis=1) * _GROUP + position % _GROUP
-    return -negated, column.astype(_INDEX_DTYPE)
+    return smallest, column.astype(_INDEX_DTYPE)
 
 
 def _merge(best, new, k: int):
@@ -165,33 +181,39 @@ def _round_up(value: int, multiple: int) -> int:
 
 
 def _tile_shape(n: int, m: int, block_size: int | None) -> tuple[int, int]:
-    """(query rows, reference rows) of a tile: all of them (dense), or about ``block_size^2``
-    entries shaped ``(block_size / 4, 4 block_size)``: wide reference tiles amortise the per-row
-    selection over more columns (measured at n = m = 20000, d = 10: 1.6x faster than square)."""
-    if block_size is None:
-        query_block, ref_block = n, m
-    else:
-        ref_block = min(4 * block_size, m)
-        query_block = min(n, max(1, block_size * block_size // ref_block))
+    """(query rows, reference rows) of a tile of about ``block_size^2`` entries (``None``:
+    ``_AUTO_BLOCK``), shaped ``(block_size / 4, 4 block_size)``: wide reference tiles amortise the
+    per-row selection over more columns (measured at n = m = 20000, d = 10: 1.6x faster than
+    square). The rows are spread evenly over the tiles, so padding stays small (m = 10000 in
+    tiles of 8192 would be padded to 16384; two tiles of 5056 are not)."""
+    block_size = _AUTO_BLOCK if block_size is None else block_size
+    ref_tiles = -(-m // min(4 * block_size, m))
+    ref_block = -(-m // ref_tiles)
     if ref_block > 4 * _GROUP:  # let the grouped selection apply (padding is masked)
         ref_block = _round_up(ref_block, _GROUP)
+    query_block = min(n, max(1, block_size * block_size // ref_block))
+    query_block = -(-n // -(-n // query_block)) if n else 1
     return query_block, ref_block
 
 
-def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
+def _pad_rows(x: jax.Array, rows: int, fill=None) -> jax.Array:
+    """``x`` with rows of zeros (or copies of the row ``fill``) appended up to ``rows``."""
     if rows == x.shape[0]:
         return x
-    return jnp.concatenate([x, jnp.zeros((rows - x.shape[0],) + x.shape[1:], x.dtype)], axis=0)
+    shape = (rows - x.shape[0],) + x.shape[1:]
+    padding = jnp.zeros(shape, x.dtype) if fill is None else jnp.broadcast_to(fill, shape)
+    return jnp.concatenate([x, padding.astype(x.dtype)], axis=0)
 
 
-def tiled_map(queries, refs, block_size, per_query, init, update):
+def tiled_map(queries, refs, block_size, per_query, init, update, ref_fill=None):
     """Runs ``update`` over all (query tile, reference tile) pairs and returns per-query results.
 
     ``per_query`` is a pytree of arrays with leading axis ``n`` tiled along with the queries.
     ``init(query_block)`` gives the carry of one query tile; ``update(carry, q_tile, extra_tile,
     r_tile, q_start, r_start)`` folds one reference tile in (``q_start``/``r_start`` are the global
-    positions of the tiles' first rows; reference rows at or beyond ``m`` are padding). The carries
-    of all query tiles are concatenated and cut back to ``n`` rows.
+    positions of the tiles' first rows; reference rows at or beyond ``m`` are padding: zeros, or
+    copies of the row ``ref_fill``). The carries of all query tiles are concatenated and cut back
+    to ``n`` rows.
     """
     n, m = queries.shape[0], refs.shape[0]
     query_block, ref_block = _tile_shape(n, m, block_size)
@@ -202,7 +224,8 @@ def tiled_map(queries, refs, block_size, per_query, init, update):
     extra_tiles = jax.tree.map(
         lambda a: _pad_rows(a, num_query_tiles * query_block).reshape(
             (num_query_tiles, query_block) + a.shape[1:]), per_query)
-    ref_tiles = _pad_rows(refs, num_ref_tiles * ref_block).reshape(num_ref_tiles, ref_block, -1)
+    ref_tiles = _pad_rows(refs, num_ref_tiles * ref_block, ref_fill).reshape(
+        num_ref_tiles, ref_block, -1)
     query_starts = jnp.arange(num_query_tiles, dtype=_INDEX_DTYPE) * query_block
     ref_starts = jnp.arange(num_ref_tiles, dtype=_INDEX_DTYPE) * ref_block
 
@@ -242,30 +265,42 @@ def _selection_keys(values: jax.Array) -> jax.Array:
     return values.astype(jnp.float32) if jnp.finfo(values.dtype).bits > 32 else values
 
 
-def brute_candidates(queries, refs, num_candidates, *, form, exclude_self, block_size,
-                     query_offset=0, ref_offset=0):
-    """The ``num_candidates`` smallest tile values per query and their reference positions.
+def brute_candidates(queries, refs, num_candidates, *, form, block_size):
+    """The ``num_candidates`` smallest selection keys per query and their reference positions.
 
-    Returns ``(keys, index)``, each ``(n, num_candidates)``, ascending by key (ties in any order).
-    Keys are the squared distances in the given ``form`` ("difference": exact up to rounding),
-    rounded to float32 (see :func:`_selection_keys`). Masked entries (reference padding, the
-    query itself with ``exclude_self``) have key ``inf``. ``query_offset``/``ref_offset`` are the
-    global positions of the first rows (``exclude_self`` compares global positions).
+    Returns ``(keys, index)``, each ``(n, num_candidates)``, ascending by key (ties in any order),
+    keys rounded to float32 (see :func:`_selection_keys`). ``form`` says what the keys are:
+
+    * ``"difference"``: ``sum_c (q_c - r_c)^2``, the squared distance up to rounding;
+    * ``"gram"``: ``|r|^2 - 2 q.r``, the squared distance less ``|q|^2`` (the same for every
+      reference of a query, so the order is the same), from one matmul of ``[q, 1]`` with
+      ``[-2 r, |r|^2]``: no elementwise pass over the tile before the selection.
+
+    Padding rows of the reference tiles get key ``+inf`` (infinite coordinates, or an infinite
+    ``|r|^2``), so no mask is formed; their positions are ``>= m``.
     """
+    n, d = queries.shape
     m = refs.shape[0]
     dtype = _selection_keys(jnp.zeros((), queries.dtype)).dtype
+    if form == "gram":
+        queries = jnp.concatenate([queries, jnp.ones((n, 1), queries.dtype)], axis=1)
+        refs = jnp.concatenate([-2 * refs, jnp.sum(refs * refs, axis=1, keepdims=True)], axis=1)
+        fill = jnp.zeros((d + 1,), refs.dtype).at[d].set(jnp.inf)
+    else:
+        fill = jnp.full((d,), jnp.inf, refs.dtype)
 
     def init(query_block):
         return (jnp.full((query_block, num_candidates), jnp.inf, dtype),
                 jnp.full((query_block, num_candidates), m, _INDEX_DTYPE))
 
     def update(best, q_tile, _, r_tile, q_start, r_start):
-        squared = _selection_keys(_tile_squared_distances(q_tile, r_tile, form))
-        mask = _tile_mask(q_start, r_start, q_tile.shape[0], r_tile.shape[0], m, exclude_self,
-                          query_offset, ref_offset)
-        squared = jnp.where(mask, jnp.inf, squared)
+        if form == "gram":
+            keys = jnp.matmul(q_tile, r_tile.T, precision=lax.Precision.HIGHEST)
+        else:
+            keys = _sum_squared_differences(q_tile[:, None, :], r_tile[None, :, :])
+        keys = _selection_keys(keys)
         width = min(num_candidates, r_tile.shape[0])
-        values, index = _smallest(squared, width)
+        values, index = _smallest(keys, width)
         if width < num_candidates:  # a tile narrower than k: pad with nothing found
             short = num_candidates - width
             values = jnp.concatenate([values, jnp.full((values.shape[0], short), jnp.inf, dtype)], 1)
@@ -273,7 +308,7 @@ def brute_candidates(queries, refs, num_candidates, *, form, exclude_self, block
                                                      _INDEX_DTYPE)], 1)
         return _merge(best, (values, index + r_start), num_candidates)
 
-    return tiled_map(queries, refs, block_size, (), init, update)
+    return tiled_map(queries, refs, block_size, (), init, update, ref_fill=fill)
 
 
 def _exact_rows(queries, refs, k, *, exclude_self, block_size, query_offset, ref_offset):
@@ -305,17 +340,19 @@ def _exact_rows(queries, refs, k, *, exclude_self, block_size, query_offset, ref
 def brute_indices(queries, refs, k, *, exclude_self, block_size, query_offset=0, ref_offset=0):
     """Indices (n, k) of the exact k nearest ``refs`` (local positions), sorted, ties to the smaller.
 
-    Fast path: tiles of squared distances (from differences below ``_GRAM_MIN_DIM``, else the Gram
-    form of data centred on the reference mean) select ``k + 2`` candidates by float32
-    keys; their distances are recomputed exactly, and each query's answer is *certified*: every
-    reference outside the candidates has a key >= the last candidate's, and its exact squared
-    distance s is at least that key less the key's float32 rounding and, for the Gram form,
-    ``(d + 6) eps (2|q| + sqrt(s))^2`` (rounding of dot products with d terms, of the norms, the
-    centring and the additions, each within a unit roundoff of the magnitudes involved; a factor
-    2 to spare). If that bound separates the k-th exact distance from every non-candidate, the
-    answer is exact (also the order of ties: they are sorted by index among the candidates, and
-    none lies outside). The other rows (near or exact ties at the k-th distance, strong
-    cancellation) are recomputed with exact differences and exact selection in small tiles by a
+    Fast path: tiles of selection keys (squared differences below ``_GRAM_MIN_DIM``, else the
+    Gram key ``|r|^2 - 2 q.r`` of data centred on the reference mean, see
+    :func:`brute_candidates`) select ``k + 2`` candidates by float32 keys; their distances are
+    recomputed exactly, and each query's answer is *certified*: every reference outside the
+    candidates has a key >= the last candidate's, and its exact squared distance s is at least
+    that key (plus ``|q|^2`` for the Gram key) less the key's float32 rounding and, for the Gram
+    key, ``2 (d + 6) eps (2|q| + sqrt(s))^2``: the matmul sums d + 1 terms of total magnitude at
+    most ``2|q||r| + |r|^2`` with ``|r| <= |q| + sqrt(s)``, and the norms, the centring and the
+    additions each add a unit roundoff of the magnitudes involved (with a factor 2 to spare).
+    If that bound separates the k-th exact distance from every non-candidate, the answer is
+    exact (also the order of ties: they are sorted by index among the candidates, and none lies
+    outside). The other rows (near or exact ties at the k-th distance, strong cancellation) are
+    recomputed with exact differences and exact selection in small tiles by a
     ``lax.while_loop``, which under ``vmap`` runs only as long as some batch member needs it.
     """
     queries = lax.stop_gradient(queries)
@@ -338,10 +375,12 @@ def brute_indices(queries, refs, k, *, exclude_self, block_size, query_offset=0,
     # k + 2 candidates: the k-th distance must be separated from the last candidate's key, which
     # (unlike the (k+1)-th) is rarely within rounding of it for continuous data. (2k candidates
     # certify a few more rows but cost more than the fallback saves; measured at d = 4, 10, 32.)
-    num_candidates = min(k + 2, m)
+    # With exclude_self the query itself is usually among them (it is dropped by the refinement),
+    # so one more is kept: no mask of the query's own column is formed in the tiles.
+    num_candidates = min(k + 2 + int(exclude_self), m)
     keys, candidates = brute_candidates(tile_queries, tile_refs, num_candidates,
                                         form="gram" if gram else "difference",
-                                        exclude_self=exclude_self, block_size=block_size, **offsets)
+                                        block_size=block_size)
     distances, candidates = refine(queries, refs, candidates, num_candidates,
                                    exclude_self=exclude_self, **offsets)
     if num_candidates == m:  # every reference is a candidate: nothing to certify
@@ -350,10 +389,10 @@ def brute_indices(queries, refs, k, *, exclude_self, block_size, query_offset=0,
     kth = distances[:, k - 1]
     last = keys[:, -1].astype(dtype)
     if rounded_keys:
-        last = last * (1 - jnp.finfo(jnp.float32).eps)
+        last = last - jnp.finfo(jnp.float32).eps * jnp.abs(last)
     if gram:
         query_norm = jnp.sqrt(jnp.sum(jnp.square(tile_queries), axis=1))
-        last = last - (d + 6) * eps * jnp.square(2 * query_norm + kth)
+        last = last + jnp.square(query_norm) - 2 * (d + 6) * eps * jnp.square(2 * query_norm + kth)
     certified = last > jnp.square(kth) * (1 + (d + 2) * eps)
     return _exact_where_uncertified(queries, refs, candidates[:, :k], certified, k,
                                     exclude_self=exclude_self, block_size=block_size, **offsets)

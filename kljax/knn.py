@@ -7,7 +7,7 @@ axes allowed, equal for ``x`` and ``y``), the estimators compare, for every ``x_
 more mass near ``x_i`` than P does.
 
 Functions:
-    neighbors       exact Euclidean k-NN (distances, indices); dense, tiled, k-d tree or sharded
+    neighbors       exact Euclidean k-NN (distances, indices); tiled brute force, k-d tree or sharded
     kl              D(P || Q) from samples; ``ESTIMATORS`` lists the estimators
     entropy         Kozachenko-Leonenko differential entropy of P
     cross_entropy   k-NN cross-entropy H(P, Q) = -E_P[log q]
@@ -52,7 +52,7 @@ Search backends (``method=``): ``"brute"`` is pure JAX (any backend; jit, vmap, 
 ``"kdtree"`` is SciPy's cKDTree through ``jax.pure_callback`` (works under jit and vmap, the latter
 sequentially; the data make a host round trip, so it is meant for CPU; the indices are not
 differentiated but the distances are recomputed in JAX, so gradients with respect to the points
-still flow); ``"auto"`` takes the k-d tree for d <= 4 on a CPU backend and brute force otherwise.
+still flow); ``"auto"`` takes the k-d tree for d <= 6 on a CPU backend and brute force otherwise.
 
 References:
     Q. Wang, S. R. Kulkarni, S. Verdu (2009), "Divergence estimation for multidimensional densities
@@ -131,7 +131,7 @@ def _check_block_size(block_size) -> None:
     if block_size is None:
         return
     if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
-        raise ValueError(f"`block_size` must be None (dense) or a positive int, got {block_size!r}.")
+        raise ValueError(f"`block_size` must be None (automatic) or a positive int, got {block_size!r}.")
 
 
 def _check_num_points(name: str, x: jax.Array, minimum: int) -> None:
@@ -235,10 +235,12 @@ def neighbors(queries, refs, k: int, *, exclude_self: bool = False, block_size: 
         exclude_self: ``queries`` *are* ``refs`` (same shape; row i of both is the same point):
             drop each query's own index i. This goes by index, not by distance 0, so other copies
             of a duplicated point are still returned (at distance 0).
-        block_size: ``None`` computes the dense ``(n, m)`` distance matrix; an int tiles it into
-            blocks of about ``block_size^2`` entries (``block_size / 4`` queries by
-            ``4 block_size`` references) with a running top-k per query, so memory is
-            O(block_size^2 + n k d) (brute path; the k-d tree never forms the matrix).
+        block_size: the brute path never forms the ``(n, m)`` distance matrix: it works in tiles
+            of about ``block_size^2`` entries (``block_size / 4`` queries by ``4 block_size``
+            references, rows spread evenly over the tiles) with a running top-k per query, so
+            memory is O(block_size^2 + n k d) per problem (times the batch size under ``vmap``).
+            ``None`` picks 2048 (16 MiB tiles in float32, faster on CPU than larger ones; small
+            problems are one tile). The k-d tree never forms the matrix.
         method: ``"auto"``, ``"brute"`` or ``"kdtree"``.
 
     Returns:
@@ -385,7 +387,7 @@ def kl(x, y, *, k: int = 1, estimator: str = "weighted", block_size: int | None 
         y: samples of Q, shape ``(..., m, d)``.
         k: neighbour order (``"weighted"``: the smallest order); needs ``k <= n - 1`` and ``k <= m``.
         estimator: one of ``ESTIMATORS``.
-        block_size: ``None`` (dense) or tile size of the search (see :func:`neighbors`).
+        block_size: ``None`` (automatic) or tile size of the search (see :func:`neighbors`).
         method: search backend, ``"auto"``, ``"brute"`` or ``"kdtree"`` (see :func:`neighbors`).
 
     Returns:
@@ -459,7 +461,7 @@ def entropy(x, *, k: int = 1, block_size: int | None = None, method: str = "auto
     Args:
         x: samples, shape ``(..., n, d)``, ``n >= 2``.
         k: neighbour order, ``1 <= k <= n - 1``.
-        block_size: ``None`` (dense) or tile size of the search (see :func:`neighbors`).
+        block_size: ``None`` (automatic) or tile size of the search (see :func:`neighbors`).
         method: search backend (see :func:`neighbors`).
 
     Returns:
@@ -514,7 +516,7 @@ def cross_entropy(x, y, *, k: int = 1, block_size: int | None = None,
         x: samples of P, shape ``(..., n, d)``.
         y: samples of Q, shape ``(..., m, d)``.
         k: neighbour order, ``1 <= k <= m``.
-        block_size: ``None`` (dense) or tile size of the search (see :func:`neighbors`).
+        block_size: ``None`` (automatic) or tile size of the search (see :func:`neighbors`).
         method: search backend (see :func:`neighbors`).
 
     Returns:

@@ -321,5 +321,5 @@ def test_errors():
 
 def test_auto_method_choice():
     assert _knn_search.resolve_method("auto", 2) == ("kdtree" if jax.default_backend() == "cpu" else "brute")
-    assert _knn_search.resolve_method("auto", 5) == "brute"
+    assert _knn_search.resolve_method("auto", 7) == "brute"
     assert _knn_search.resolve_method("kdtree", 50) == "kdtree"
