@@ -127,7 +127,7 @@ def test_matmul_form_would_fail_far_from_origin():
 def test_tiled_equals_dense_for_every_block_size():
     queries, refs = normal(9, 45, 3), normal(10, 101, 3)
     dense = neighbors(queries, refs, 7, method="brute")
-    for block_size in (1, 7, 44):  # tiles (1, 4), (1, 28), (19, 101): padding and several tiles
+    for block_size in (1, 7, 44):  # tiles (1, 4), (1, 26), (15, 101): padding and several tiles
         assert_same(neighbors(queries, refs, 7, block_size=block_size, method="brute"), dense)
     dense_self = neighbors(refs, refs, 3, exclude_self=True, method="brute")
     for block_size in (9,):
@@ -135,13 +135,16 @@ def test_tiled_equals_dense_for_every_block_size():
                               method="brute"), dense_self)
 
 
-def test_grouped_selection_on_wide_tiles():
-    # Tiles wide enough for the two-level (group minima) selection, with padding: dense (one
-    # tile of 2048 columns) and block_size=250 (two tiles of 1024).
+@pytest.mark.parametrize("k", [1, 5])
+def test_grouped_selection_on_wide_tiles(k):
+    # Tiles wide enough for the two-level (group minima) selection, with padding: automatic (one
+    # tile of 2048 columns) and block_size=250 (two tiles of 1024); exclude_self keeps k + 3.
     queries, refs = normal(11, 30, 4), normal(12, 2000, 4)
-    assert_matches_numpy(neighbors(queries, refs, 5, method="brute"), brute_force(queries, refs, 5))
-    assert_matches_numpy(neighbors(queries, refs, 5, block_size=250, method="brute"),
-                         brute_force(queries, refs, 5))
+    assert_matches_numpy(neighbors(queries, refs, k, method="brute"), brute_force(queries, refs, k))
+    assert_matches_numpy(neighbors(queries, refs, k, block_size=250, method="brute"),
+                         brute_force(queries, refs, k))
+    assert_matches_numpy(neighbors(refs, refs, k, exclude_self=True, block_size=250, method="brute"),
+                         brute_force(refs, refs, k, exclude_self=True))
 
 
 @pytest.mark.parametrize("d, k", [(1, 4), (4, 1)])
