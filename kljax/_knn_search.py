@@ -59,6 +59,10 @@ _GRAM_MIN_DIM = 4
 _FALLBACK_ROWS = 64
 # Columns per group in the two-level selection (see module docstring).
 _GROUP = 64
+# Smallest group width tried for large k (see _smallest).
+_MIN_GROUP = 8
+# Above this k the exact fallback sorts its rows instead of taking k argmin passes.
+_EXACT_PASSES_MAX_K = 8
 # Dimension up to which method="auto" uses the k-d tree on CPU. Measured (Gaussian points, n = m,
 # k = 1, ms, tree / brute): n = 10k: d = 4 14 / 51, d = 6 39 / 49, d = 8 129 / 85; n = 50k:
 # d = 4 95 / 1428, d = 6 401 / 1507, d = 8 1504 / 1791.
@@ -108,27 +112,30 @@ def _smallest(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """The ``k`` smallest entries of each row and their columns, ascending; among equal values the
     columns chosen are arbitrary (the certification in :func:`brute_indices` catches ties)."""
     rows, width = values.shape
-    groups = width // _GROUP
-    if width % _GROUP or groups < 2 * k:
+    group = _GROUP  # narrower groups for large k, so that there are at least 2k of them
+    while group > _MIN_GROUP and width // group < 2 * k:
+        group //= 2
+    groups = width // group
+    if width % group or groups < 2 * k:
         if k == 1:
             column = jnp.argmin(values, axis=1)[:, None]
             return jnp.take_along_axis(values, column, axis=1), column.astype(_INDEX_DTYPE)
         negated, column = lax.top_k(-values, k)
         return -negated, column.astype(_INDEX_DTYPE)
-    grouped = values.reshape(rows, groups, _GROUP)
+    grouped = values.reshape(rows, groups, group)
     group_minima = jnp.min(grouped, axis=2)
     if k == 1:  # a vectorised min per group, then argmin over the few group minima and one group
         chosen = jnp.argmin(group_minima, axis=1)[:, None]
     else:
         _, chosen = lax.top_k(-group_minima, k)
-    candidates = jnp.take_along_axis(grouped, chosen[:, :, None], axis=1).reshape(rows, k * _GROUP)
+    candidates = jnp.take_along_axis(grouped, chosen[:, :, None], axis=1).reshape(rows, k * group)
     if k == 1:
         position = jnp.argmin(candidates, axis=1)[:, None]
         smallest = jnp.take_along_axis(candidates, position, axis=1)
     else:
         negated, position = lax.top_k(-candidates, k)
         smallest = -negated
-    column = jnp.take_along_axis(chosen, position // _GROUP, axis=1) * _GROUP + position % _GROUP
+    column = jnp.take_along_axis(chosen, position // group, axis=1) * group + position % group
     return smallest, column.astype(_INDEX_DTYPE)
 
 
@@ -330,6 +337,8 @@ def _exact_rows(queries, refs, k, *, exclude_self, block_size, query_offset, ref
             mask = mask | (index + ref_offset == own[:, None])
         values = jnp.concatenate([best[0], jnp.where(mask, jnp.inf, values)], axis=1)
         index = jnp.concatenate([best[1], index], axis=1)
+        if k > _EXACT_PASSES_MAX_K:  # k argmin passes cost more than sorting the rows
+            return sort_by_distance(values, index, k), None
         return _smallest_exact(values, index, k), None
 
     init = (jnp.full((rows, k), jnp.inf, queries.dtype), jnp.full((rows, k), m, _INDEX_DTYPE))
@@ -377,7 +386,9 @@ def brute_indices(queries, refs, k, *, exclude_self, block_size, query_offset=0,
     # certify a few more rows but cost more than the fallback saves; measured at d = 4, 10, 32.)
     # With exclude_self the query itself is usually among them (it is dropped by the refinement),
     # so one more is kept: no mask of the query's own column is formed in the tiles.
-    num_candidates = min(k + 2 + int(exclude_self), m)
+    # For large k in high dimension the neighbour distances crowd together (at d = 64, k = 80
+    # k + 2 candidates left 1.2% of the rows uncertified, k + 4 none), so the margin grows with k.
+    num_candidates = min(k + 2 + k // 16 + int(exclude_self), m)
     keys, candidates = brute_candidates(tile_queries, tile_refs, num_candidates,
                                         form="gram" if gram else "difference",
                                         block_size=block_size)

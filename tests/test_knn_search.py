@@ -75,12 +75,15 @@ def test_ties_go_to_the_smaller_index(method, d):
                          brute_force(refs, refs, 1, exclude_self=True))
 
 
-def test_gram_path_ties_are_certified_or_recomputed():
+@pytest.mark.parametrize("k", [6, 12])  # the exact fallback: argmin passes (k <= 8) or a sort
+def test_gram_path_ties_are_certified_or_recomputed(k):
     # Above d = 3 candidates come from the Gram form, whose rounding reorders exactly equal
     # distances; such rows fail the certification and are redone exactly, so ties still go to the
     # smaller index.
     refs, queries = grid_points(4, 150, 20), grid_points(5, 40, 20)
-    assert_matches_numpy(neighbors(queries, refs, 6, method="brute"), brute_force(queries, refs, 6))
+    assert_matches_numpy(neighbors(queries, refs, k, method="brute"), brute_force(queries, refs, k))
+    assert_matches_numpy(neighbors(queries, refs, k, method="brute", block_size=16),
+                         brute_force(queries, refs, k))
 
 
 def test_uncertified_rows_are_recomputed_under_vmap():
