@@ -8,7 +8,7 @@
 
 Grid: n = m in ``--sizes``, d in ``--dims``, k in ``--ks``; float32 points, queries x ~ N(0, I) and
 references y ~ N(0.5, I); kljax and the floor work in tiles of ``--block-size`` (default 2048; 0 means
-dense, ``block_size=None``). Every cell times
+``block_size=None``, kljax's automatic tiles). Every cell times
 
 * ``neighbors``: the k nearest references of every query, distances and indices. kljax: jitted
   ``kljax.knn.neighbors`` (``method="auto"``). Peers build their index inside the timed call (a search
@@ -130,8 +130,8 @@ def wkv_from_search(search, x, y, k):
 def matmul_floor(block_size: int | None):
     """Jitted squared distances by the matmul form over query tiles, each row reduced to its minimum.
 
-    Tiles of ``block_size`` query rows (kljax's tiling); when kljax runs dense (``None``) the floor
-    still uses tiles of ``FLOOR_DENSE_BLOCK`` rows, because writing out the whole (n, m) matrix is
+    Tiles of ``block_size`` query rows (kljax's tiling); with ``None`` (kljax's automatic tiles) the
+    floor uses tiles of ``FLOOR_DENSE_BLOCK`` rows, because writing out the whole (n, m) matrix is
     memory-bound and would flatter kljax.
     """
     block_size = block_size or FLOOR_DENSE_BLOCK
@@ -421,7 +421,7 @@ def main(argv=None) -> dict:
                         help=f"subset of {','.join(ALL_PEERS)}")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK,
-                        help="block_size for kljax and the floor (default %(default)s; 0: dense, block_size=None)")
+                        help="block_size for kljax and the floor (default %(default)s; 0: block_size=None, automatic)")
     parser.add_argument("--single-above-s", type=float, default=30.0,
                         help="a peer whose checked first run takes longer is timed by that one run (marked *)")
     parser.add_argument("--tree-max-dim", type=int, default=None,

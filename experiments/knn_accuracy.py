@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="dtype of the samples given to kljax (float64 needs jax_enable_x64)")
     p.add_argument("--block-size", type=int, default=None,
-                   help="block_size for kljax.knn.kl (default: dense up to n=2000, else 1024)")
+                   help="block_size for kljax.knn.kl (default: None, automatic, up to n=2000, else 1024)")
     p.add_argument("--memory-mib", type=int, default=512,
                    help="memory budget of one vmapped call; sets how many seeds share a call")
     args = p.parse_args(argv)

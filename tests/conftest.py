@@ -18,6 +18,10 @@ import hypothesis  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_enable_x64", True)
+# Start the CPU backend now, while XLA_FLAGS asks for 4 devices: JAX reads the flags only when the
+# backend starts, and a test that changes XLA_FLAGS (the notebook test clears it for its kernels)
+# must not decide how many devices a later test in the same worker sees.
+jax.devices()
 
 # JAX compiles on first call, so per-example deadlines are meaningless; keep example counts modest
 # so that the suite fits the CI budget on 2 cores.
