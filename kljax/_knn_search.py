@@ -93,14 +93,9 @@ def safe_sqrt(s: jax.Array) -> jax.Array:
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, s, 1)), 0)
 
 
-def _tile_squared_distances(q: jax.Array, r: jax.Array, form: str) -> jax.Array:
-    """Squared distances between the rows of ``q`` (a, d) and ``r`` (b, d), shape (a, b)."""
-    if form == "difference":
-        return _sum_squared_differences(q[:, None, :], r[None, :, :])
-    gram = jnp.matmul(q, r.T, precision=lax.Precision.HIGHEST)
-    q_norms = jnp.sum(q * q, axis=1)
-    r_norms = jnp.sum(r * r, axis=1)
-    return jnp.maximum(q_norms[:, None] - 2 * gram + r_norms[None, :], 0)
+def _tile_squared_distances(q: jax.Array, r: jax.Array) -> jax.Array:
+    """Squared distances between the rows of ``q`` (a, d) and ``r`` (b, d) from differences, (a, b)."""
+    return _sum_squared_differences(q[:, None, :], r[None, :, :])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -304,7 +299,7 @@ def brute_candidates(queries, refs, num_candidates, *, form, block_size):
         if form == "gram":
             keys = jnp.matmul(q_tile, r_tile.T, precision=lax.Precision.HIGHEST)
         else:
-            keys = _sum_squared_differences(q_tile[:, None, :], r_tile[None, :, :])
+            keys = _tile_squared_distances(q_tile, r_tile)
         keys = _selection_keys(keys)
         width = min(num_candidates, r_tile.shape[0])
         values, index = _smallest(keys, width)
@@ -330,7 +325,7 @@ def _exact_rows(queries, refs, k, *, exclude_self, block_size, query_offset, ref
 
     def body(best, ref_args):
         r_tile, r_start = ref_args
-        values = _tile_squared_distances(queries, r_tile, "difference")
+        values = _tile_squared_distances(queries, r_tile)
         index = jnp.broadcast_to(r_start + jnp.arange(ref_block, dtype=_INDEX_DTYPE), values.shape)
         mask = index >= m
         if exclude_self:
@@ -660,7 +655,7 @@ def ball_statistics(queries, refs, radius, *, exclude_self=False, block_size=Non
 
     def update(carry, q_tile, limit_tile, r_tile, q_start, r_start):
         count, largest = carry
-        squared = _tile_squared_distances(q_tile, r_tile, "difference")
+        squared = _tile_squared_distances(q_tile, r_tile)
         mask = _tile_mask(q_start, r_start, q_tile.shape[0], r_tile.shape[0], m, exclude_self, 0, 0)
         inside = (squared <= limit_tile[:, None]) & ~mask
         count = count + jnp.sum(inside, axis=1, dtype=_INDEX_DTYPE)
