@@ -137,10 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, help="student training steps")
     p.add_argument("--student-hidden", type=int, help="hidden width of the student")
     args = p.parse_args(argv)
-    config = dict(QUICK if args.quick else FULL)
-    for name in ("temperatures", "seeds", "steps", "student_hidden"):
-        if getattr(args, name) is not None:
-            config[name] = getattr(args, name)
+    config = _common.scaled_config(args, QUICK, FULL)
 
     with _common.Timer() as timer:
         per_seed = [run_seed(args.seed + s, config["temperatures"], config["steps"], config["student_hidden"])

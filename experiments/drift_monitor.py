@@ -268,10 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--histogram-permutations", type=int, help="permutations for the per-pixel detector")
     p.add_argument("--drop", type=float, default=0.05, help="accuracy drop that counts (default 0.05)")
     args = p.parse_args(argv)
-    config = dict(QUICK if args.quick else FULL)
-    for name in list(config):
-        if getattr(args, name, None) is not None:
-            config[name] = getattr(args, name)
+    config = _common.scaled_config(args, QUICK, FULL)
     config["drop"] = args.drop
 
     with _common.Timer() as timer:

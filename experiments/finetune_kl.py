@@ -193,10 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seeds", type=int, help="number of splits / initialisations")
     p.add_argument("--steps", type=int, help="fine-tuning steps")
     args = p.parse_args(argv)
-    config = dict(QUICK if args.quick else FULL)
-    for name in ("betas", "l2", "seeds", "steps"):
-        if getattr(args, name) is not None:
-            config[name] = getattr(args, name)
+    config = _common.scaled_config(args, QUICK, FULL)
 
     with _common.Timer() as timer:
         per_seed = [run_seed(args.seed + s, config["betas"], config["l2"], config["steps"])

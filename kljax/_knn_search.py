@@ -191,7 +191,7 @@ def _tile_shape(n: int, m: int, block_size: int | None) -> tuple[int, int]:
     block_size = _AUTO_BLOCK if block_size is None else block_size
     ref_tiles = -(-m // min(4 * block_size, m))
     ref_block = -(-m // ref_tiles)
-    if ref_block > 4 * _GROUP:  # let the grouped selection apply (padding is masked)
+    if ref_block > 4 * _GROUP:  # let the grouped selection apply (padding is never selected)
         ref_block = _round_up(ref_block, _GROUP)
     query_block = min(n, max(1, block_size * block_size // ref_block))
     query_block = -(-n // -(-n // query_block)) if n else 1
