@@ -153,7 +153,7 @@ def ckdtree_wkv(x: np.ndarray, y: np.ndarray, k: int) -> float:
 def universal_divergence_wkv(x: np.ndarray, y: np.ndarray, k: int) -> float:
     """The ``universal-divergence`` package's estimate with a fixed k (its WKV; its k=None adaptive
     mode loops in Python over all points for every point and is far too slow at these sizes)."""
-    from universal_divergence import estimate
+    from universal_divergence import estimate  # optional peer: see `universal_divergence_available`
 
     return float(estimate(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64), k=k))
 
@@ -161,6 +161,14 @@ def universal_divergence_wkv(x: np.ndarray, y: np.ndarray, k: int) -> float:
 # ----------------------------------------------------------------------------------------------
 # kljax
 # ----------------------------------------------------------------------------------------------
+
+def universal_divergence_available() -> bool:
+    """Whether the optional ``universal-divergence`` peer is installed (``pip install -e '.[dev]'``);
+    without it the experiment runs and its report says the peer was skipped."""
+    import importlib.util
+
+    return importlib.util.find_spec("universal_divergence") is not None
+
 
 def _knn():
     from kljax import knn
@@ -255,6 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
     sizes = args.sizes or list(QUICK_SIZES if args.quick else FULL_SIZES)
     num_seeds = args.seeds or (16 if args.quick else 50)
     peer_seeds = min(num_seeds, args.peer_seeds or (4 if args.quick else 20))
+    have_ud = universal_divergence_available()
     if args.dtype == "float64" and not jax.config.jax_enable_x64:
         p.error("--dtype float64 needs jax_enable_x64 (set JAX_ENABLE_X64=1)")
     dtype = np.dtype(args.dtype)
@@ -286,10 +295,13 @@ def main(argv: list[str] | None = None) -> dict:
             start = time.perf_counter()
             ckd.append(ckdtree_wkv(x[s], y[s], args.k))
             peer_times[CKDTREE_PEER] += time.perf_counter() - start
-            start = time.perf_counter()
-            ud.append(universal_divergence_wkv(x[s], y[s], args.k))
-            peer_times[UD_PEER] += time.perf_counter() - start
+            if have_ud:
+                start = time.perf_counter()
+                ud.append(universal_divergence_wkv(x[s], y[s], args.k))
+                peer_times[UD_PEER] += time.perf_counter() - start
         for name, values in ((CKDTREE_PEER, ckd), (UD_PEER, ud)):
+            if not values:
+                continue
             cells.append({"d": d, "n": n, "estimator": name, "source": "peer", "true_kl": truth,
                           "default": False, "first_call_s": None, "seconds": peer_times[name],
                           **summarize(np.asarray(values), truth)})
@@ -300,7 +312,8 @@ def main(argv: list[str] | None = None) -> dict:
             "d": d, "n": n, "num_seeds": peer_seeds,
             "wkv_kljax_vs_ckdtree_max_abs_diff": float(np.max(np.abs(kljax_values["wkv"][:peer_seeds] - ckd)))
             if "wkv" in kljax_values else None,
-            "universal_divergence_vs_ckdtree_max_abs_diff": float(np.max(np.abs(np.asarray(ud) - ckd))),
+            "universal_divergence_vs_ckdtree_max_abs_diff": float(np.max(np.abs(np.asarray(ud) - ckd)))
+            if ud else None,
         })
 
         default_rmse = summarize(kljax_values[default], truth)["rmse"]
@@ -312,7 +325,8 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = {
         "config": {"dims": dims, "sizes": sizes, "num_seeds": num_seeds, "peer_seeds": peer_seeds, "k": args.k,
                    "dtype": args.dtype, "block_size": args.block_size, "seed": args.seed, "quick": args.quick,
-                   "estimators": names, "default_estimator": default, "peers": [CKDTREE_PEER, UD_PEER],
+                   "estimators": names, "default_estimator": default, "peers": [CKDTREE_PEER] + ([UD_PEER] if have_ud else []),
+                   "skipped_peers": [] if have_ud else [UD_PEER + " (package not installed)"],
                    "jax": jax.__version__, "backend": jax.default_backend()},
         "true_kl": {str(d): truths[d] for d in dims},
         "cells": cells,
@@ -405,11 +419,15 @@ def report(metrics: dict, rel_dir: pathlib.Path) -> str:
                  f"{max(ratio_values):.2f}.")
     checks = metrics["wkv_checks"]
     diffs = [c["wkv_kljax_vs_ckdtree_max_abs_diff"] for c in checks if c["wkv_kljax_vs_ckdtree_max_abs_diff"] is not None]
-    ud = [c["universal_divergence_vs_ckdtree_max_abs_diff"] for c in checks]
+    ud = [c["universal_divergence_vs_ckdtree_max_abs_diff"] for c in checks
+          if c["universal_divergence_vs_ckdtree_max_abs_diff"] is not None]
     if diffs:
-        parts.append(f"On the same samples kljax `wkv` equals the cKDTree WKV to {max(diffs):.2g} nats, and the "
-                     f"universal-divergence package's estimate equals the cKDTree WKV to {max(ud):.2g} nats (all "
-                     f"cells), so the peer columns differ from `wkv` only through their smaller set of seeds.")
+        peer_text = (f", and the universal-divergence package's estimate equals the cKDTree WKV to {max(ud):.2g} nats"
+                     if ud else "")
+        parts.append(f"On the same samples kljax `wkv` equals the cKDTree WKV to {max(diffs):.2g} nats{peer_text} "
+                     f"(all cells), so the peer columns differ from `wkv` only through their smaller set of seeds.")
+    for skipped in metrics["config"].get("skipped_peers", []):
+        parts.append(f"Peer skipped: {skipped}; `pip install -e '.[dev]'` adds it.")
     parts.append(f"![RMSE against dimension]({rel_dir}/rmse_vs_d.png)")
     parts.append(f"![Bias against dimension (error bars: 2 standard errors)]({rel_dir}/bias_vs_d.png)")
     return "\n\n".join(parts)

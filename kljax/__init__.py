@@ -12,4 +12,14 @@ Modules (see their docstrings):
 Conventions: P first, Q second, nats, zero-safe (0 * log(0 / q) = 0).
 """
 
+from kljax import analytic as analytic
+from kljax import discrete as discrete
+from kljax import distributions as distributions
+from kljax import drift as drift
+from kljax import knn as knn
+from kljax import mc as mc
+from kljax import policy as policy
+
 __version__ = "0.1.0"
+
+__all__ = ["analytic", "discrete", "distributions", "drift", "knn", "mc", "policy"]

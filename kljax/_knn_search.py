@@ -21,8 +21,8 @@ Design (why, not what):
   Gram form's and the keys' rounding; uncertified rows (near or exact ties, strong cancellation:
   a few per 10^4 rows of random data) are redone exactly in small tiles by a ``lax.while_loop``.
   Float32 difference tiles need no certificate. So the *indices* are exact (ties to the smaller
-  index) and the returned distances, recomputed from differences, are never negative or NaN,
-  also far from the origin.
+  index) and the returned distances of finite points, recomputed from differences, are never
+  negative or NaN, also far from the origin.
 * **Selection without wide ``top_k``.** XLA's ``top_k`` over long rows is slow on CPU. A tile is
   reduced to the minima of groups of ``_GROUP`` consecutive columns; ``top_k`` over those group
   minima picks ``k`` groups, which contain ``k`` smallest entries (each selected group holds an
@@ -35,6 +35,10 @@ Design (why, not what):
 * **k-d tree.** ``method="kdtree"`` calls SciPy's ``cKDTree`` through ``jax.pure_callback`` for the
   candidate indices only; the distances are recomputed and sorted in JAX exactly as on the brute
   path, so both paths return the same numbers and gradients flow through the distances.
+* **Non-finite points** (possible only under ``jit``: eager input is validated) have no answer;
+  :func:`search` returns NaN distances, with in-range placeholder indices, for every query with a
+  NaN or inf coordinate, and for all queries when some reference has one (it could be, or hide,
+  anyone's neighbour). The engine's own answer there would be a wrong finite number.
 * **Several devices.** When ``refs`` (or ``queries``) is a concrete ``jax.Array`` whose rows are
   sharded by a ``NamedSharding``, ``jax.shard_map`` runs the search per shard; per-shard candidates
   (with global indices) are gathered and merged, which gives the single-device answer exactly.
@@ -625,14 +629,33 @@ def search(queries, refs, k, *, exclude_self=False, block_size=None, method="aut
 
     ``query_split``/``ref_split`` (from :func:`row_split`, static) say how the rows are split over
     devices; with either, the search runs under ``jax.shard_map`` (refs split: queries must be
-    replicated over the same mesh, see :func:`replicate`; else refs must be).
+    replicated over the same mesh, see :func:`replicate`; else refs must be). Queries without an
+    answer (non-finite points) get NaN distances, see :func:`unknown_as_nan`.
     """
     method = resolve_method(method, queries.shape[1])
     if query_split is not None or ref_split is not None:
-        return sharded_search(queries, refs, k, exclude_self=exclude_self, block_size=block_size,
-                              method=method, query_split=query_split, ref_split=ref_split)
-    return local_search(queries, refs, k, exclude_self=exclude_self, block_size=block_size,
-                        method=method)
+        found = sharded_search(queries, refs, k, exclude_self=exclude_self, block_size=block_size,
+                               method=method, query_split=query_split, ref_split=ref_split)
+    else:
+        found = local_search(queries, refs, k, exclude_self=exclude_self, block_size=block_size,
+                             method=method)
+    return unknown_as_nan(queries, refs, *found)
+
+
+def unknown_as_nan(queries, refs, distances, index):
+    """NaN distances (and placeholder indices ``0, 1, ..., k - 1``) for the queries without an answer.
+
+    A query with a NaN or infinite coordinate has no defined distance to anything; a reference with
+    one could be (or hide) any query's nearest neighbour, so it leaves *every* query without an
+    answer. The searches above would return a wrong finite distance there (``safe_sqrt(nan) = 0``,
+    NaN keys never selected) and padding indices; this is the one place that overrides them, after
+    the per-shard merge, so a non-finite reference on any shard counts.
+    """
+    k, m = index.shape[1], refs.shape[0]
+    unknown = ~jnp.all(jnp.isfinite(queries), axis=1) | ~jnp.all(jnp.isfinite(refs))
+    placeholder = jnp.minimum(jnp.arange(k, dtype=_INDEX_DTYPE), max(m - 1, 0))
+    return (jnp.where(unknown[:, None], jnp.nan, distances),
+            jnp.where(unknown[:, None], placeholder[None, :], index))
 
 
 def ball_statistics(queries, refs, radius, *, exclude_self=False, block_size=None):

@@ -3,10 +3,30 @@
 ``kl(p, q)`` looks the pair of types up in a registry and calls the registered function. Every
 same-family pair is registered, plus ``MultivariateNormalDiag`` <-> ``MultivariateNormalTriL`` in both
 directions. Parameters of P and Q broadcast against each other (batch shapes (3, 1) and (4,) give a
-(3, 4) result); the result has the parameters' (promoted) dtype. Each pair's formula is written in a
-form that stays accurate when P and Q are close (``expm1``, ``log_sigmoid``, ``log_softmax``,
-triangular solves rather than inverses). The built-in rules are jitted, so an eager call compiles once
-per shape and dtype.
+(3, 4) result; batch shapes that do not broadcast raise a ``ValueError`` naming both); the result has
+the parameters' (promoted) dtype. The built-in rules are jitted, so an eager call compiles once per
+shape and dtype.
+
+Accuracy rule: every built-in formula is written as a sum of non-negative terms, each computed to
+full relative precision, so the result is never negative and keeps its relative precision (float32
+included) however close P and Q are. The textbook forms subtract O(1) quantities whose difference is
+O(|theta_p - theta_q|^2) and fail there: ``log(s_q) - log(s_p) + s_p^2 / (2 s_q^2) - 1/2`` or
+``log Gamma(a_q) - log Gamma(a_p) - (a_q - a_p) psi(a_p)`` can be negative in float32. Two bounded
+differences remain: inside the Stirling remainder below (its negative part is a fraction of the
+positive one), and for Dirichlet and Beta between the remainders of the components and of the total
+(large only for pairs far apart, where the value is not small). The building blocks are
+
+- phi(u) = e^u - 1 - u >= 0 (a series near u = 0) with u = log(a / b) from ``log1p((a - b) / b)``:
+  the scale and rate terms of every family;
+- for Categorical and Bernoulli (and the means of a Dirichlet), D = log E_P[e^c] = log1p(E_P[phi(c)])
+  with c the log-ratio log(q / p) centred under P;
+- for Gamma, Beta and Dirichlet, which are Bregman divergences of log-partition functions made of
+  log-gamma, log Gamma(x) = x log x - x + g(x) splits the divergence into a divergence between means
+  (phi or a categorical KL, as above) and the Bregman divergence of the convex Stirling remainder
+  g, computed through the recurrence to x >= 10 and then Stirling's series;
+- for full-covariance Gaussians, with W = L_q^-1 L_p lower triangular,
+  tr(W W^T) - d - log det(W W^T) = sum_{i>j} W_ij^2 + sum_i phi(2 log W_ii), and W - I is solved
+  from L_p - L_q.
 
 Adding a pair::
 
@@ -17,6 +37,12 @@ Adding a pair::
 Lookup follows the method resolution order of both types, so a subclass of ``Normal`` uses the
 ``(Normal, Normal)`` rule unless a more specific pair is registered. When several registered pairs
 match, the one with the smallest sum of MRO distances wins, ties going to the more specific P.
+
+References:
+  Banerjee, Merugu, Dhillon & Ghosh (2005), "Clustering with Bregman divergences", JMLR 6:1705-1749
+  (the KL between members of an exponential family is the Bregman divergence of its log-partition
+  function, section 4); NIST Digital Library of Mathematical Functions, eq. 5.11.1 (Stirling's series
+  for log Gamma) and 5.5.1 (the recurrence Gamma(x + 1) = x Gamma(x)).
 """
 
 from __future__ import annotations
@@ -28,13 +54,13 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
-from jax.scipy.special import betaln, digamma, gammaln
 
 from kljax.distributions import (
     Bernoulli,
     Beta,
     Categorical,
     Dirichlet,
+    Distribution,
     Exponential,
     Gamma,
     Laplace,
@@ -119,6 +145,8 @@ def kl(p, q) -> jax.Array:
 
     Raises:
       NotImplementedError: when no rule is registered for ``(type(p), type(q))``, naming both types.
+      ValueError: when the batch shapes of P and Q do not broadcast, naming both shapes and types
+        (also at trace time under ``jax.jit``).
 
     Example:
       >>> from kljax.distributions import Normal
@@ -132,7 +160,28 @@ def kl(p, q) -> jax.Array:
             f"{type(q).__name__}; add one with kljax.analytic.register_kl({type(p).__name__}, "
             f"{type(q).__name__})."
         )
+    _check_batch_shapes(p, q)
     return function(p, q)
+
+
+def _batch_shape(distribution) -> tuple[int, ...] | None:
+    """The batch shape of a kljax distribution; None for other objects (their rules check shapes)."""
+    if isinstance(distribution, Distribution) and distribution._parameter_names:
+        return distribution.batch_shape
+    return None
+
+
+def _check_batch_shapes(p, q) -> None:
+    shape_p, shape_q = _batch_shape(p), _batch_shape(q)
+    if shape_p is None or shape_q is None:
+        return
+    try:
+        jnp.broadcast_shapes(shape_p, shape_q)
+    except ValueError:
+        raise ValueError(
+            f"the batch shapes of P and Q do not broadcast: P ({type(p).__name__}) has batch shape "
+            f"{shape_p} and Q ({type(q).__name__}) has batch shape {shape_q}."
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -184,16 +233,176 @@ def _log_ratio(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.where(close, near, jnp.log(a) - jnp.log(b))
 
 
-def _sum_p_log_ratio(log_p: jax.Array, log_q: jax.Array, axis: int | None) -> jax.Array:
-    """sum p (log p - log q) from log-probabilities, with 0 log(0 / q) = 0 in value and gradient.
+def _log1p_of_ratio(x: jax.Array, numerator: jax.Array, denominator: jax.Array) -> jax.Array:
+    """log(1 + x) where 1 + x = numerator / denominator (both > 0) and x carries their exact difference.
 
-    Where log p = -inf the term is 0 (also when log q = -inf); where only log q = -inf it is +inf.
+    ``log1p(x)`` while |x| < 1/2; beyond, log(numerator) - log(denominator), because 1 + x cancels
+    when x is close to -1.
     """
-    zero = jnp.isneginf(log_p)
-    safe_log_p = jnp.where(zero, jnp.zeros_like(log_p), log_p)
-    log_ratio = jnp.where(zero, jnp.zeros_like(log_p), log_p - log_q)
-    terms = jnp.where(zero, jnp.zeros_like(log_p), jnp.exp(safe_log_p) * log_ratio)
-    return terms if axis is None else jnp.sum(terms, axis=axis)
+    near = jnp.abs(x) < 0.5
+    far_numerator = jnp.where(near, jnp.ones_like(numerator), numerator)
+    far_denominator = jnp.where(near, jnp.ones_like(denominator), denominator)
+    return jnp.where(near, jnp.log1p(jnp.where(near, x, jnp.zeros_like(x))),
+                     jnp.log(far_numerator) - jnp.log(far_denominator))
+
+
+def _x_minus_log1p(x: jax.Array, log1p_x: jax.Array) -> jax.Array:
+    """x - log(1 + x) >= 0 for x > -1, given log(1 + x), to full relative precision also near x = 0.
+
+    That is phi(log1p(x)): the series of ``_exp_minus_one_minus`` for |log1p(x)| < 0.1, else the
+    difference itself (no cancellation there).
+    """
+    small = jnp.abs(log1p_x) < 0.1
+    series = _exp_minus_one_minus(jnp.where(small, log1p_x, jnp.zeros_like(log1p_x)))
+    return jnp.where(small, series, x - log1p_x)
+
+
+def _kl_from_log_ratio(log_p: jax.Array, log_ratio: jax.Array, axis: int = -1) -> jax.Array:
+    """D(P || Q) of categorical P and Q from log P and log_ratio = log(q / p) + any constant.
+
+    D = log E_P[e^c] = log1p(E_P[phi(c)]) with c = log_ratio - E_P[log_ratio], a sum of non-negative
+    terms (E_P[e^log_ratio] = e^constant when Q is normalised on the support of P). Categories with
+    log_p = -inf are left out (``log_ratio`` there is ignored, whatever it is); log_ratio = -inf where
+    log_p > -inf gives +inf. The centring is done twice, so that a constant offset between the logits
+    of P and Q (a mean much larger than c) costs no precision. Where p e^c is large the sum is taken
+    in log space (``logsumexp``), where no precision is at stake; p phi(c) = e^{log p + c} - p (1 + c)
+    for large c avoids e^c overflowing when p is tiny. If Q has mass outside the support of P, add
+    -log Q(support of P).
+    """
+    zeros = jnp.zeros_like(log_p)
+    support = log_p > -jnp.inf
+    q_zero = support & (log_ratio == -jnp.inf)
+    infinite = jnp.any(q_zero, axis=axis)
+    counted = support & ~q_zero
+    p = jnp.exp(log_p)
+    centred = jnp.where(counted, log_ratio, zeros)
+    for _ in range(2):  # the second pass removes the rounding error of the first mean
+        centred = jnp.where(counted, centred - jnp.sum(p * centred, axis=axis, keepdims=True), zeros)
+    log_terms = jnp.where(support, log_p, zeros) + centred  # log(p e^c)
+    ceiling = 0.5 * math.log(jnp.finfo(log_p.dtype).max)
+    large = centred > 4.0
+    terms = jnp.where(
+        large,
+        jnp.exp(jnp.minimum(log_terms, ceiling)) - p * (1 + centred),
+        p * _exp_minus_one_minus(jnp.where(large, zeros, centred)),
+    )
+    series = jnp.sum(jnp.where(counted, terms, zeros), axis=axis)
+    overflow = jnp.any(counted & (log_terms > ceiling), axis=axis)
+    # In an infinite row every entry takes part, so that logsumexp never sees only -inf (NaN gradient).
+    log_sum = jax.nn.logsumexp(
+        jnp.where(counted | jnp.expand_dims(infinite, axis), log_terms, jnp.full_like(log_p, -jnp.inf)),
+        axis=axis,
+    )
+    value = jnp.where(overflow, log_sum, jnp.log1p(jnp.where(overflow, jnp.zeros_like(series), series)))
+    return jnp.where(infinite, jnp.inf, value)
+
+
+def _kl_from_logits(logits_p: jax.Array, logits_q: jax.Array) -> jax.Array:
+    """D(Cat(softmax(logits_p)) || Cat(softmax(logits_q))) over the last axis; logits finite or -inf.
+
+    ``_kl_from_log_ratio`` with log_ratio = logits_q - logits_p, plus -log Q(support of P) where Q
+    puts mass on categories that P excludes (both terms are >= 0). NaN where a row of either has a
+    NaN or +inf logit.
+    """
+    zeros = jnp.zeros_like(logits_p)
+    support = logits_p > -jnp.inf
+    q_positive = logits_q > -jnp.inf
+    safe_p = jnp.where(support, logits_p, zeros)
+    safe_q = jnp.where(q_positive, logits_q, zeros)
+    log_ratio = jnp.where(q_positive, safe_q - safe_p, jnp.full_like(logits_p, -jnp.inf))
+    centred = _kl_from_log_ratio(jax.nn.log_softmax(logits_p, axis=-1), log_ratio, axis=-1)
+    # -log Q(support of P): -log1p(-Q(outside)) while Q(outside) <= 1/2, else -log Q(inside) in log space.
+    q = jax.nn.softmax(logits_q, axis=-1)
+    outside = jnp.sum(jnp.where(support, zeros, q), axis=-1)
+    inside_terms = support & q_positive
+    any_inside = jnp.any(inside_terms, axis=-1, keepdims=True)
+    # Rows without an inside term are infinite anyway; give their logsumexp finite entries (gradient).
+    inside_logits = jnp.where(inside_terms | ~any_inside, safe_q, jnp.full_like(safe_q, -jnp.inf))
+    log_inside = jax.nn.logsumexp(inside_logits, axis=-1) - jax.nn.logsumexp(logits_q, axis=-1)
+    mostly_outside = outside > 0.5
+    mass_term = jnp.where(mostly_outside, -log_inside,
+                          -jnp.log1p(-jnp.where(mostly_outside, jnp.zeros_like(outside), outside)))
+    # NaN or +inf logits (possible under jit, where constructors cannot check) give NaN.
+    invalid = jnp.any(jnp.isnan(logits_p) | jnp.isnan(logits_q) | (logits_p == jnp.inf)
+                      | (logits_q == jnp.inf), axis=-1)
+    return jnp.where(invalid, jnp.nan, centred + mass_term)
+
+
+# Stirling's series for g(x) = log Gamma(x) - (x - 1/2) log x + x - log(2 pi) / 2 (DLMF 5.11.1):
+# sum_j B_2j / (2j (2j - 1) x^(2j - 1)), as (power, coefficient). From x >= 10 on, the omitted terms
+# change the Bregman divergence below by about 1e-14 of itself at most.
+_STIRLING_SERIES = ((1, 1 / 12), (3, -1 / 360), (5, 1 / 1260), (7, -1 / 1680), (9, 1 / 1188),
+                    (11, -691 / 360360), (13, 1 / 156))
+_STIRLING_FROM = 10
+
+
+def _along_new_axis(values, like: jax.Array) -> jax.Array:
+    """``values`` as an array of ``like``'s dtype, shaped to broadcast along a new last axis of ``like``."""
+    return jnp.reshape(jnp.asarray(list(values), like.dtype), (1,) * like.ndim + (-1,))
+
+
+def _stirling_series_bregmans(shifted_a: jax.Array, shifted_b: jax.Array, x: jax.Array,
+                              log1p_x: jax.Array) -> jax.Array:
+    """c_j t^-m_j [(1 + x)^-m_j - 1 + m_j x] for each term of ``_STIRLING_SERIES`` (new last axis).
+
+    That is the Bregman divergence of c_j t^-m_j from t = ``shifted_a`` >= 10 to t (1 + x) =
+    ``shifted_b`` >= 10. For m = 1 it is x^2 / (t (1 + x)), exact; for m >= 3, t^-m expm1(-m log1p(x))
+    + m x t^-m loses about log10(1 / |x|) digits near x = 0, but these terms are below 1e-4 of the
+    divergence they are part of (|c_j| <= 1/360, t^-m <= 1e-3 t^-1), so the sum keeps its relative
+    precision. Far from x = 0 the power is taken as exp(-m log(t (1 + x))), which cannot overflow.
+    """
+    m = _along_new_axis([m for m, _ in _STIRLING_SERIES[1:]], x)
+    coefficients = _along_new_axis([c for _, c in _STIRLING_SERIES], x)
+    log_a, log_b = jnp.log(shifted_a)[..., None], jnp.log(shifted_b)[..., None]
+    x, log1p_x = x[..., None], log1p_x[..., None]
+    exponent = -m * log1p_x  # log (1 + x)^-m
+    far = exponent > 20
+    near_exponent = jnp.where(far, jnp.zeros_like(exponent), exponent)
+    power = jnp.exp(-m * log_a)  # t^-m
+    higher = (jnp.where(far, jnp.exp(-m * log_b) - power, power * jnp.expm1(near_exponent))
+              + m * x * power)
+    first = jnp.square(x) / shifted_b[..., None]
+    return coefficients * jnp.concatenate([first, higher], axis=-1)
+
+
+def _stirling_remainder_bregman(a: jax.Array, b: jax.Array, delta: jax.Array) -> jax.Array:
+    """g(b) - g(a) - (b - a) g'(a) >= 0 for g(x) = log Gamma(x) - x log x + x and a, b > 0.
+
+    ``delta`` is b - a, passed so that the difference of close concentrations stays exact (b - a
+    recomputed from rounded sums would not be); b enters only as a factor, or where a and b are far
+    apart.
+    g is convex (g'' = psi'(x) - 1/x > 0). With n = max(0, ceil(10 - min(a, b))) steps of the
+    recurrence log Gamma(x) = log Gamma(x + n) - sum_{k<n} log(x + k) (DLMF 5.5.1),
+    x = delta / (a + n) and h(y) = y - log1p(y) >= 0,
+
+        D = sum_{k<n} h(delta / (a + k)) - b h(z) - (n - 1/2) h(x)
+            + sum_j c_j (a + n)^-m_j [(1 + x)^-m_j - 1 + m_j x],     z = -n x / b,
+
+    with (m_j, c_j) Stirling's series. Every h and bracket is >= 0 and computed to full relative
+    precision (log(1 + y) from the ratio it stands for where y is near -1). The negative terms (only
+    when n > 0) come from the recurrence and are a fraction of the positive ones (the sum is within
+    a factor of 9 of its positive part), so the result loses at most about one digit.
+    """
+    steps = jnp.clip(jnp.ceil(_STIRLING_FROM - jnp.minimum(a, b)), 0, _STIRLING_FROM)
+    shifted_a, shifted_b = a + steps, b + steps
+    x = delta / shifted_a
+    log1p_x = _log1p_of_ratio(x, shifted_b, shifted_a)
+    z = -steps * x / b  # 1 + z = a (b + n) / ((a + n) b)
+    near = jnp.abs(z) < 0.5
+    log1p_z = jnp.where(near, jnp.log1p(jnp.where(near, z, jnp.zeros_like(z))),
+                        jnp.log(a) + jnp.log(shifted_b) - jnp.log(shifted_a) - jnp.log(b))
+    k = _along_new_axis(range(_STIRLING_FROM), a)
+    a_k, b_k = a[..., None] + k, b[..., None] + k
+    y = delta[..., None] / a_k
+    # One vectorised x - log1p(x) for all brackets (a small program to compile, also for gradients).
+    arguments = jnp.concatenate([y, z[..., None], x[..., None]], axis=-1)
+    logs = jnp.concatenate([_log1p_of_ratio(y, b_k, a_k), log1p_z[..., None], log1p_x[..., None]],
+                           axis=-1)
+    weights = jnp.concatenate(
+        [(k < steps[..., None]).astype(a.dtype), -b[..., None], (0.5 - steps)[..., None]], axis=-1)
+    series = _stirling_series_bregmans(shifted_a, shifted_b, x, log1p_x)
+    terms = jnp.concatenate([weights * _x_minus_log1p(arguments, logs), series], axis=-1)
+    return jnp.sum(terms, axis=-1)
 
 
 def _check_event_sizes(what: str, size_p: int, size_q: int) -> None:
@@ -269,16 +478,18 @@ def kl_mvn_diag(p: MultivariateNormalDiag, q: MultivariateNormalDiag) -> jax.Arr
 
 
 def _mvn_tril_kl(loc_p, scale_p, loc_q, scale_q):
-    # Rasmussen & Williams (2006), eq. (A.23), with Sigma = L L^T:
-    # tr(Sigma_q^-1 Sigma_p) = ||L_q^-1 L_p||_F^2, Mahalanobis term = ||L_q^-1 (m_p - m_q)||^2,
-    # log|Sigma_q| - log|Sigma_p| = 2 sum log diag L_q - 2 sum log diag L_p.
-    d = loc_p.shape[-1]
-    whitened_scale = solve_triangular(scale_q, scale_p, lower=True)
-    whitened_diff = solve_triangular(scale_q, loc_p - loc_q, lower=True)
-    log_det_ratio = jnp.sum(_log_ratio(jnp.diagonal(scale_q), jnp.diagonal(scale_p)))
-    trace_term = jnp.sum(jnp.square(whitened_scale))
-    mahalanobis = jnp.sum(jnp.square(whitened_diff))
-    return 0.5 * (trace_term + mahalanobis - d) + log_det_ratio
+    # Rasmussen & Williams (2006), eq. (A.23), with Sigma = L L^T and W = L_q^-1 L_p (lower triangular,
+    # diagonal L_p,ii / L_q,ii): tr(Sigma_q^-1 Sigma_p) = ||W||_F^2, log|Sigma_q| - log|Sigma_p| =
+    # -2 sum log W_ii, so 2 D = sum_{i>j} W_ij^2 + sum_i phi(2 log W_ii) + ||L_q^-1 (m_p - m_q)||^2, all
+    # terms >= 0. The off-diagonal part of W is that of L_q^-1 (L_p - L_q), which keeps its relative
+    # precision when L_p and L_q are close (a solve for W itself would not: W_ij = O(1e-7) in float32).
+    scale_p, scale_q = jnp.tril(scale_p), jnp.tril(scale_q)
+    whitened_difference = solve_triangular(scale_q, scale_p - scale_q, lower=True)
+    whitened_loc = solve_triangular(scale_q, loc_p - loc_q, lower=True)
+    log_diagonal_ratio = _log_ratio(jnp.diagonal(scale_p), jnp.diagonal(scale_q))
+    return 0.5 * (jnp.sum(jnp.square(jnp.tril(whitened_difference, -1)))
+                  + jnp.sum(_exp_minus_one_minus(2 * log_diagonal_ratio))
+                  + jnp.sum(jnp.square(whitened_loc)))
 
 
 def _loc_and_tril(distribution) -> tuple[jax.Array, jax.Array]:
@@ -294,8 +505,11 @@ def kl_mvn(p, q) -> jax.Array:
 
     D = 0.5 [ ||L_q^-1 L_p||_F^2 + ||L_q^-1 (m_p - m_q)||^2 - d ] + sum_i log(L_q,ii / L_p,ii),
 
-    with triangular solves (no explicit inverse) and log-determinants from the Cholesky diagonals.
-    Either argument may be ``MultivariateNormalDiag`` (its scale is used as a diagonal L).
+    computed without cancellation as 0.5 [ sum_{i>j} W_ij^2 + sum_i phi(2 log W_ii) + ||z||^2 ] with
+    W = L_q^-1 L_p (its off-diagonal part solved from L_p - L_q), z = L_q^-1 (m_p - m_q) and
+    phi(u) = e^u - 1 - u: triangular solves, no explicit inverse. Only the lower triangles of the
+    scales are used. Either argument may be ``MultivariateNormalDiag`` (its scale is used as a
+    diagonal L).
 
     Args:
       p: ``MultivariateNormalTriL`` or ``MultivariateNormalDiag`` P.
@@ -333,10 +547,13 @@ def kl_mvn(p, q) -> jax.Array:
 @register_kl(Categorical, Categorical)
 @_builtin
 def kl_categorical(p: Categorical, q: Categorical) -> jax.Array:
-    """D(P || Q) = sum_k p_k (log p_k - log q_k) from logits, via ``log_softmax``.
+    """D(P || Q) = sum_k p_k (log p_k - log q_k) from logits.
 
-    Categories with p_k = 0 (logit -inf) contribute 0, without NaN in value or gradient; p_k > 0 where
-    q_k = 0 gives +inf.
+    Computed as log1p(sum_k p_k phi(c_k)) with phi(u) = e^u - 1 - u and c = d - E_P[d], d = l_q - l_p
+    the difference of the logits (so D = log E_P[e^c]): a sum of non-negative terms, accurate in
+    float32 also when P and Q are close, where sum p log(p / q) cancels. Categories with p_k = 0
+    (logit -inf) contribute 0, without NaN in value or gradient; if Q has mass there,
+    -log Q(support of P) is added. p_k > 0 where q_k = 0 gives +inf.
 
     Args:
       p: ``Categorical`` P.
@@ -357,8 +574,8 @@ def kl_categorical(p: Categorical, q: Categorical) -> jax.Array:
       Cover & Thomas (2006), Elements of Information Theory, 2nd ed., eq. (2.26).
     """
     _check_event_sizes("number of categories", p.logits.shape[-1], q.logits.shape[-1])
-    log_p, log_q = jnp.broadcast_arrays(p.log_probs, q.log_probs)
-    return _sum_p_log_ratio(log_p, log_q, axis=-1)
+    logits_p, logits_q = jnp.broadcast_arrays(p.logits, q.logits)
+    return _kl_from_logits(logits_p, logits_q)
 
 
 @register_kl(Bernoulli, Bernoulli)
@@ -366,8 +583,9 @@ def kl_categorical(p: Categorical, q: Categorical) -> jax.Array:
 def kl_bernoulli(p: Bernoulli, q: Bernoulli) -> jax.Array:
     """D(Ber(p) || Ber(q)) = p log(p / q) + (1 - p) log((1 - p) / (1 - q)) from logits.
 
-    With log p = log_sigmoid(l_p) and log(1 - p) = log_sigmoid(-l_p), so logits of magnitude 1e4 (and
-    +-inf) stay finite and accurate.
+    The categorical form of ``kl_categorical`` with logits (l, 0), which is accurate when the logits
+    are close and stays finite and accurate for logits of magnitude 1e4; infinite logits (certain
+    outcomes) use log-probabilities (log_sigmoid(l), log_sigmoid(-l)) instead.
 
     Args:
       p: ``Bernoulli`` P.
@@ -385,9 +603,17 @@ def kl_bernoulli(p: Bernoulli, q: Bernoulli) -> jax.Array:
       Cover & Thomas (2006), Elements of Information Theory, 2nd ed., eq. (2.26).
     """
     logits_p, logits_q = jnp.broadcast_arrays(p.logits, q.logits)
-    log_sigmoid = jax.nn.log_sigmoid
-    return (_sum_p_log_ratio(log_sigmoid(logits_p), log_sigmoid(logits_q), axis=None)
-            + _sum_p_log_ratio(log_sigmoid(-logits_p), log_sigmoid(-logits_q), axis=None))
+    finite = jnp.isfinite(logits_p) & jnp.isfinite(logits_q)
+
+    def two_logits(logits):
+        # (l, 0) where both logits are finite, else the log-probabilities; the unused branch gets
+        # finite stand-ins so that neither it nor its gradient is NaN.
+        finite_logits = jnp.where(finite, logits, jnp.zeros_like(logits))
+        log_probs = jnp.stack([jax.nn.log_sigmoid(logits), jax.nn.log_sigmoid(-logits)], axis=-1)
+        return jnp.where(finite[..., None],
+                         jnp.stack([finite_logits, jnp.zeros_like(logits)], axis=-1), log_probs)
+
+    return _kl_from_logits(two_logits(logits_p), two_logits(logits_q))
 
 
 @register_kl(Poisson, Poisson)
@@ -427,6 +653,11 @@ def kl_gamma(p: Gamma, q: Gamma) -> jax.Array:
     D = (k_p - k_q) psi(k_p) - log Gamma(k_p) + log Gamma(k_q) + k_q (log b_p - log b_q)
         + k_p (b_q - b_p) / b_p.
 
+    Computed without cancellation as D = k_q phi(log(m_p / m_q)) + B_g(k_p, k_q), with means
+    m = k / b, phi(u) = e^u - 1 - u and B_g the Bregman divergence of the Stirling remainder
+    g(x) = log Gamma(x) - x log x + x (convex), both >= 0: splitting log Gamma(x) = x log x - x + g(x),
+    the x log x - x part and the rate terms combine into the phi term.
+
     Args:
       p: ``Gamma`` P.
       q: ``Gamma`` Q.
@@ -445,10 +676,8 @@ def kl_gamma(p: Gamma, q: Gamma) -> jax.Array:
       Linder (2013), Information Sciences 249:124-131, table of Kullback-Leibler divergences.
     """
     k_p, rate_p, k_q, rate_q = jnp.broadcast_arrays(p.concentration, p.rate, q.concentration, q.rate)
-    log_rate_ratio = _log_ratio(rate_q, rate_p)
-    # k_q (log b_p - log b_q) + k_p (b_q - b_p) / b_p = k_p (e^u - 1 - u) + (k_p - k_q) u, u = log(b_q / b_p)
-    return ((k_p - k_q) * digamma(k_p) - gammaln(k_p) + gammaln(k_q)
-            + k_p * _exp_minus_one_minus(log_rate_ratio) + (k_p - k_q) * log_rate_ratio)
+    log_mean_ratio = _log_ratio(rate_q, rate_p) - _log_ratio(k_q, k_p)  # log(m_p / m_q)
+    return k_q * _exp_minus_one_minus(log_mean_ratio) + _stirling_remainder_bregman(k_p, k_q, k_q - k_p)
 
 
 @register_kl(Beta, Beta)
@@ -457,7 +686,9 @@ def kl_beta(p: Beta, q: Beta) -> jax.Array:
     """D(Beta(a_p, b_p) || Beta(a_q, b_q)).
 
     D = log B(a_q, b_q) - log B(a_p, b_p) + (a_p - a_q) psi(a_p) + (b_p - b_q) psi(b_p)
-        + (a_q - a_p + b_q - b_p) psi(a_p + b_p).
+        + (a_q - a_p + b_q - b_p) psi(a_p + b_p),
+
+    computed as the two-component ``kl_dirichlet``, which has no cancellation.
 
     Args:
       p: ``Beta`` P.
@@ -477,8 +708,7 @@ def kl_beta(p: Beta, q: Beta) -> jax.Array:
       the Dirichlet formula of Penny (2001) with k = 2.
     """
     a_p, b_p, a_q, b_q = jnp.broadcast_arrays(p.alpha, p.beta, q.alpha, q.beta)
-    return (betaln(a_q, b_q) - betaln(a_p, b_p) + (a_p - a_q) * digamma(a_p) + (b_p - b_q) * digamma(b_p)
-            + (a_q - a_p + b_q - b_p) * digamma(a_p + b_p))
+    return _dirichlet_kl(jnp.stack([a_p, b_p], axis=-1), jnp.stack([a_q, b_q], axis=-1))
 
 
 @register_kl(Dirichlet, Dirichlet)
@@ -488,6 +718,15 @@ def kl_dirichlet(p: Dirichlet, q: Dirichlet) -> jax.Array:
 
     D = log Gamma(a0) - sum_i log Gamma(a_i) - log Gamma(b0) + sum_i log Gamma(b_i)
         + sum_i (a_i - b_i) (psi(a_i) - psi(a0)).
+
+    This is the Bregman divergence of the log-partition function A(a) = sum_i log Gamma(a_i) -
+    log Gamma(a0) from a to b. Splitting log Gamma(x) = x log x - x + g(x) (g the Stirling remainder,
+    see ``kl_gamma``), it is computed without cancellation as
+
+        D = b0 KL(b / b0 || a / a0) + sum_i B_g(a_i, b_i) - B_g(a0, b0),
+
+    a categorical KL between the means of Q and P (``kl_categorical``'s form) plus the Bregman
+    divergence of the convex sum_i g(a_i) - g(a0) (convex because x psi'(x) decreases).
 
     Args:
       p: ``Dirichlet`` P.
@@ -509,9 +748,24 @@ def kl_dirichlet(p: Dirichlet, q: Dirichlet) -> jax.Array:
     """
     _check_event_sizes("number of components", p.concentration.shape[-1], q.concentration.shape[-1])
     a, b = jnp.broadcast_arrays(p.concentration, q.concentration)
-    a0, b0 = jnp.sum(a, axis=-1), jnp.sum(b, axis=-1)
-    return (gammaln(a0) - gammaln(b0) + jnp.sum(gammaln(b) - gammaln(a), axis=-1)
-            + jnp.sum((a - b) * (digamma(a) - digamma(a0)[..., None]), axis=-1))
+    return _dirichlet_kl(a, b)
+
+
+def _dirichlet_kl(a: jax.Array, b: jax.Array) -> jax.Array:
+    # The differences b - a are exact for close concentrations; their sum, not b0 - a0, gives delta0.
+    delta = b - a
+    a0, b0, delta0 = jnp.sum(a, axis=-1), jnp.sum(b, axis=-1), jnp.sum(delta, axis=-1)
+    log_mean_q = jnp.log(b) - jnp.log(b0)[..., None]
+    # log(mean_p / mean_q) up to a constant: log(a_i / b_i).
+    means = b0 * _kl_from_log_ratio(log_mean_q, -_log_ratio(b, a), axis=-1)
+    # sum_i B_g(a_i, b_i) - B_g(a0, b0) in one call.
+    bregmans = _stirling_remainder_bregman(jnp.concatenate([a, a0[..., None]], axis=-1),
+                                           jnp.concatenate([b, b0[..., None]], axis=-1),
+                                           jnp.concatenate([delta, delta0[..., None]], axis=-1))
+    remainder = jnp.sum(bregmans[..., :-1], axis=-1) - bregmans[..., -1]
+    # The remainder is >= 0 (convexity); where the means term dominates, rounding could leave it at
+    # -1 ulp of its parts, and 0 is closer to the truth then.
+    return means + jnp.maximum(remainder, jnp.zeros_like(remainder))
 
 
 # --------------------------------------------------------------------------------------------------

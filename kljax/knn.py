@@ -60,6 +60,10 @@ with concrete inputs a ``ValueError`` says which sample has duplicates (remove t
 or raise k above the largest multiplicity); under ``jax.jit`` the estimate is NaN. A point of
 ``x`` is never its own neighbour: ``rho`` excludes it by index, so a duplicate *is* found.
 
+Non-finite points. A NaN or inf coordinate raises ``ValueError`` (naming the sample) with concrete
+inputs; under ``jax.jit`` every estimate that involves it is NaN, and so is every neighbour distance
+whose answer it makes unknowable (see :func:`neighbors`).
+
 Search backends (``method=``): ``"brute"`` is pure JAX (any backend; jit, vmap, grad, sharding);
 ``"kdtree"`` is SciPy's cKDTree through ``jax.pure_callback`` (works under jit and vmap, the latter
 sequentially; the data make a host round trip, so it is meant for CPU; the indices are not
@@ -137,6 +141,12 @@ def _check_order(k, *, limit: int, limit_text: str) -> None:
         raise ValueError(f"`k` must be >= 1, got {k}.")
     if k > limit:
         raise ValueError(f"`k`={k} is too large: it must be at most {limit_text}.")
+
+
+def _check_flag(name: str, value) -> None:
+    """A flag must be a bool: a string such as ``"no"`` would otherwise count as True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"`{name}` must be a bool, got {type(value).__name__} {value!r}.")
 
 
 def _check_block_size(block_size) -> None:
@@ -229,6 +239,12 @@ def neighbors(queries, refs, k: int, *, exclude_self: bool = False, block_size: 
     less than float32 rounding may come back in either order on the k-d tree path, which ranks in
     float64. See the module docstring for ``method``.
 
+    Non-finite points: with concrete inputs a NaN or inf coordinate raises ``ValueError``. Under
+    ``jax.jit`` (or across processes, where the values are not checked) a query with one gets NaN
+    distances, and a reference with one gives NaN distances to *every* query of its problem (it
+    could be, or hide, anyone's nearest neighbour); the indices of those rows are placeholders
+    ``0, 1, ..., k - 1``, in range but meaningless.
+
     Several devices: when ``refs`` (or else ``queries``) is a concrete ``jax.Array`` whose rows are
     split by a ``NamedSharding`` (e.g. ``jax.device_put(y, NamedSharding(mesh, P("x")))``), every
     device searches its shard under ``jax.shard_map`` and the per-shard candidates are gathered and
@@ -244,9 +260,9 @@ def neighbors(queries, refs, k: int, *, exclude_self: bool = False, block_size: 
         queries: points, shape ``(..., n, d)``.
         refs: reference points, shape ``(..., m, d)`` (same leading axes and ``d``).
         k: number of neighbours, ``1 <= k <= m`` (``<= m - 1`` with ``exclude_self``).
-        exclude_self: ``queries`` *are* ``refs`` (same shape; row i of both is the same point):
-            drop each query's own index i. This goes by index, not by distance 0, so other copies
-            of a duplicated point are still returned (at distance 0).
+        exclude_self: a bool; ``queries`` *are* ``refs`` (same shape; row i of both is the same
+            point): drop each query's own index i. This goes by index, not by distance 0, so other
+            copies of a duplicated point are still returned (at distance 0).
         block_size: the brute path never forms the ``(n, m)`` distance matrix: it works in tiles
             of about ``block_size^2`` entries (``block_size / 4`` queries by ``4 block_size``
             references, rows spread evenly over the tiles) with a running top-k per query, so
@@ -275,6 +291,7 @@ def neighbors(queries, refs, k: int, *, exclude_self: bool = False, block_size: 
         searching", Commun. ACM 18(9) (the k-d tree); SciPy ``scipy.spatial.cKDTree``.
     """
     queries, refs = _pair("queries", queries, "refs", refs)
+    _check_flag("exclude_self", exclude_self)
     if exclude_self and queries.shape != refs.shape:
         raise ValueError("`exclude_self=True` means `queries` are `refs` (same points, same order), "
                          f"but their shapes differ: {queries.shape} and {refs.shape}.")

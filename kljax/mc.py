@@ -181,12 +181,25 @@ def _log_ratio(log_p, log_q, name_p: str = "log_p", name_q: str = "log_q") -> ja
     return log_q - log_p
 
 
+def _sample_axis(terms: jax.Array, axis: int, name: str) -> int:
+    """``axis`` normalised; a ValueError naming ``name`` if it is out of range or holds no samples.
+
+    The size is static, so an empty sample axis raises at trace time too (a shape problem): the
+    mean of no samples would otherwise be a silent NaN.
+    """
+    axis = normalize_axis(name, terms, axis)
+    if terms.shape[axis] == 0:
+        raise ValueError(f"`{name}` is empty along the sample axis {axis} (shape {terms.shape}): "
+                         "an estimate needs at least one sample.")
+    return axis
+
+
 def _mean(terms: jax.Array, axis: int, name: str) -> jax.Array:
-    return jnp.mean(terms, axis=normalize_axis(name, terms, axis))
+    return jnp.mean(terms, axis=_sample_axis(terms, axis, name))
 
 
 def _mean_and_stderr(terms: jax.Array, axis: int, name: str) -> tuple[jax.Array, jax.Array]:
-    return _mean_and_stderr_on_axis(terms, normalize_axis(name, terms, axis))
+    return _mean_and_stderr_on_axis(terms, _sample_axis(terms, axis, name))
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -342,8 +355,9 @@ def kl(log_p, log_q, *, estimator: str = "k3", axis: int = -1) -> jax.Array:
         The estimate, the inputs' shape without ``axis``, in the inputs' dtype.
 
     Raises:
-        ValueError: unknown ``estimator`` (the message lists the valid names), shapes that differ
-            (at trace time too), an out-of-range ``axis``, or NaN in concrete inputs.
+        ValueError: unknown ``estimator`` (the message lists the valid names), shapes that differ,
+            an out-of-range ``axis`` or an empty sample axis (these three at trace time too), or
+            NaN in concrete inputs.
         TypeError: non-floating inputs.
 
     Example:
@@ -366,7 +380,8 @@ def kl_with_stderr(log_p, log_q, *, estimator: str = "k3", axis: int = -1) -> tu
     """Monte Carlo estimate of D_KL(P || Q) and its standard error.
 
     The standard error is std(terms, ddof=1) / sqrt(n) over the n samples on ``axis``; it is NaN for
-    n = 1, and it is itself unreliable when the term's variance is infinite (k3 with E_P[r^2] = inf).
+    n = 1 (n = 0 raises ValueError, as for :func:`kl`), and it is itself unreliable when the
+    term's variance is infinite (k3 with E_P[r^2] = inf).
 
     Args:
         log_p: log P(x) at samples x ~ P, floating array.
@@ -496,7 +511,8 @@ def reverse_kl_with_stderr(log_p, log_q, *, estimator: str = "k3",
         axis: the sample axis.
 
     Returns:
-        ``(estimate, stderr)``; stderr = std(terms, ddof=1) / sqrt(n), NaN for n = 1.
+        ``(estimate, stderr)``; stderr = std(terms, ddof=1) / sqrt(n), NaN for n = 1 (n = 0
+        raises ValueError).
 
     Example:
         >>> import jax.numpy as jnp

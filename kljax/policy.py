@@ -49,9 +49,13 @@ References:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from kljax import discrete
 from kljax._validation import as_float_array, check_same_shape, is_concrete, normalize_axis
 
 __all__ = [
@@ -283,7 +287,10 @@ def exact_kl(logits, logits_ref, *, axis=-1):
         axis: the action axis.
 
     Returns:
-        The KL in nats, reduced over ``axis``; +inf where pi puts mass on an action pi_ref excludes.
+        The KL in nats, reduced over ``axis``; +inf where pi puts mass on an action pi_ref excludes
+        (also mass too small for the dtype: a finite logit is a positive probability). Computed by
+        :func:`kljax.discrete.kl_logits`. Concrete NaN or ``+inf`` logits, or a slice with every
+        logit ``-inf``, raise ``ValueError``; under ``jit`` they give NaN.
 
     Example:
         >>> import jax.numpy as jnp
@@ -300,13 +307,25 @@ def exact_kl(logits, logits_ref, *, axis=-1):
     logits_ref = as_float_array("logits_ref", logits_ref)
     check_same_shape("logits", logits, "logits_ref", logits_ref)
     axis = normalize_axis("logits", logits, axis)
-    log_p = jax.nn.log_softmax(logits, axis=axis)
-    log_q = jax.nn.log_softmax(_sg(logits_ref.astype(logits.dtype)), axis=axis)
-    p = jnp.exp(log_p)
-    # 0 * log(0 / q) = 0 in value and gradient: the double where keeps -inf - (-inf) out of both passes.
-    support = p > 0
-    log_ratio = jnp.where(support, log_p - jnp.where(support, log_q, 0.0), 0.0)
-    return jnp.sum(jnp.where(support, p * log_ratio, 0.0), axis=axis)
+    _check_logits("logits", logits, axis)
+    _check_logits("logits_ref", logits_ref, axis)
+    # One home for the kernel: kljax.discrete's (accurate, zero-safe, with the closed-form gradient
+    # p (log p - log q - KL) that is exactly 0 at zero probabilities).
+    return discrete.kl_logits(logits, _sg(logits_ref.astype(logits.dtype)), axis=axis)
+
+
+def _check_logits(name, x, axis):
+    """Eagerly: no NaN or ``+inf``, and some action above ``-inf`` in every slice along ``axis``."""
+    if not is_concrete(x):
+        return
+    values = np.asarray(x)
+    if np.isnan(values).any():
+        raise ValueError(f"`{name}` contains NaN.")
+    if (values == np.inf).any():
+        raise ValueError(f"`{name}` contains +inf; logits must be finite or -inf.")
+    if not (values > -np.inf).any(axis=axis).all():
+        raise ValueError(f"`{name}` has a slice along axis {axis} whose logits are all -inf "
+                         "(no action is possible).")
 
 
 def _reverse_cumsum(x, axis):
@@ -369,10 +388,11 @@ def sequence_exact_kl(logits, logits_ref, tokens):
     Args:
         logits: pi's logits at each position, shape (..., T, V), differentiable.
         logits_ref: pi_ref's logits at the same prefixes, same shape; treated as a constant.
-        tokens: the sampled tokens x_t, integer array of shape (..., T).
+        tokens: the sampled tokens x_t, integer array of shape (..., T), each in [0, V).
 
     Returns:
-        One surrogate per sequence, shape (...), dtype of ``logits``.
+        One surrogate per sequence, shape (...), dtype of ``logits``. A token outside [0, V) raises
+        ``ValueError`` when concrete and gives NaN for its sequence under ``jit``.
 
     Example:
         >>> import jax.numpy as jnp
@@ -394,15 +414,47 @@ def sequence_exact_kl(logits, logits_ref, tokens):
     if tokens.shape != logits.shape[:-1]:
         raise ValueError(f"`tokens` must have shape {logits.shape[:-1]} to match `logits` of shape "
                          f"{logits.shape}, got {tokens.shape}.")
+    vocabulary = logits.shape[-1]
+    if is_concrete(tokens):
+        values = np.asarray(tokens)
+        if ((values < 0) | (values >= vocabulary)).any():
+            raise ValueError(f"`tokens` must lie in [0, {vocabulary}) (the vocabulary of `logits`), "
+                             f"got values from {values.min()} to {values.max()}.")
+    in_range = (tokens >= 0) & (tokens < vocabulary)
     kl_per_position = exact_kl(logits, logits_ref)
-    log_probs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[..., None], axis=-1)[..., 0]
+    # Under jit an out-of-range token must give NaN, not a wrapped-around (negative) index's value.
+    log_probs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1),
+                                    jnp.where(in_range, tokens, 0)[..., None], axis=-1)[..., 0]
+    log_probs = jnp.where(in_range, log_probs, jnp.nan)
     kl_after = _reverse_cumsum(kl_per_position, -1) - kl_per_position
     return jnp.sum(kl_per_position + _score_surrogate(log_probs, kl_after), axis=-1)
 
 
-def _check_positive(name, x):
-    if is_concrete(x) and bool(jnp.any(~(x > 0))):
-        raise ValueError(f"`{name}` must be > 0, got {x}.")
+# The controllers' argument constraints, declared once: eagerly (concrete values) a violation raises
+# ValueError naming the argument; under jit it makes the returned coefficient NaN (API.md).
+_POSITIVE = (lambda x: x > 0, "> 0")
+_NONNEGATIVE = (lambda x: x >= 0, ">= 0")
+_AT_LEAST_ONE = (lambda x: x >= 1, ">= 1")
+_BELOW_ONE = (lambda x: x < 1, "< 1 (else the step down, 1 - error_clip * num_steps / horizon, "
+                                "makes beta <= 0)")
+
+
+def _valid(name, x, constraint):
+    """Mask of the entries of ``x`` that meet ``constraint``; raises ValueError if concrete ones fail.
+
+    NaN fails every constraint (the comparisons are False), so it raises or masks like a bad value.
+    """
+    test, requirement = constraint
+    if is_concrete(x):
+        values = np.asarray(x)
+        if not np.all(test(values)):
+            raise ValueError(f"`{name}` must be {requirement}, got {values}.")
+    return test(jnp.asarray(x))
+
+
+def _where_valid(value, masks):
+    """``value`` where every mask holds, NaN elsewhere (the contract for bad traced arguments)."""
+    return jnp.where(functools.reduce(jnp.logical_and, masks), value, jnp.nan)
 
 
 def adaptive_kl_coefficient(beta, kl, target, *, tolerance=1.5, factor=2.0):
@@ -419,11 +471,13 @@ def adaptive_kl_coefficient(beta, kl, target, *, tolerance=1.5, factor=2.0):
         beta: the current coefficient (> 0).
         kl: the measured KL of the last update (e.g. the mean of ``exact_kl(old_logits, logits)``).
         target: the target KL d_targ (> 0).
-        tolerance: the band half-width factor (1.5 in the paper).
-        factor: the multiplicative step (2 in the paper).
+        tolerance: the band half-width factor, >= 1 (1.5 in the paper; below 1 the band is inverted).
+        factor: the multiplicative step, >= 1 (2 in the paper; below 1 beta moves the wrong way).
 
     Returns:
         The next coefficient, dtype of ``beta``'s promotion with ``kl``; NaN where ``kl`` is NaN.
+        An argument outside its range raises ``ValueError`` naming it when concrete, and gives NaN
+        (where it is out of range) under ``jit``.
 
     Example:
         >>> from kljax.policy import adaptive_kl_coefficient
@@ -434,13 +488,13 @@ def adaptive_kl_coefficient(beta, kl, target, *, tolerance=1.5, factor=2.0):
         J. Schulman et al., "Proximal Policy Optimization Algorithms", arXiv:1707.06347, 2017,
         Section 4 (eq. 8 and the update rule after it).
     """
+    masks = [_valid("beta", beta, _POSITIVE), _valid("target", target, _POSITIVE),
+             _valid("tolerance", tolerance, _AT_LEAST_ONE), _valid("factor", factor, _AT_LEAST_ONE)]
     beta = jnp.asarray(beta)
     kl = jnp.asarray(kl)
-    _check_positive("beta", beta)
-    _check_positive("target", jnp.asarray(target))
     new_beta = jnp.where(kl < target / tolerance, beta / factor,
                          jnp.where(kl > target * tolerance, beta * factor, beta))
-    return jnp.where(jnp.isnan(kl), jnp.nan, new_beta)
+    return _where_valid(jnp.where(jnp.isnan(kl), jnp.nan, new_beta), masks)
 
 
 def proportional_kl_coefficient(beta, kl, target, num_steps, horizon, *, error_clip=0.2):
@@ -455,12 +509,14 @@ def proportional_kl_coefficient(beta, kl, target, num_steps, horizon, *, error_c
         beta: the current coefficient (> 0).
         kl: the measured KL(pi || pi_ref) of the current batch.
         target: the target KL (> 0).
-        num_steps: the number of samples (or steps) since the last update.
-        horizon: the controller's horizon; the gain is num_steps / horizon.
-        error_clip: the clipping of the proportional error (0.2 in the paper).
+        num_steps: the number of samples (or steps) since the last update (>= 0).
+        horizon: the controller's horizon (> 0); the gain is num_steps / horizon.
+        error_clip: the clipping of the proportional error (>= 0; 0.2 in the paper). The largest
+            step down, ``1 - error_clip * num_steps / horizon``, must stay > 0 so beta stays > 0.
 
     Returns:
-        The next coefficient; NaN where ``kl`` is NaN.
+        The next coefficient; NaN where ``kl`` is NaN. An argument outside its range raises
+        ``ValueError`` naming it when concrete, and gives NaN (where it is out of range) under ``jit``.
 
     Example:
         >>> from kljax.policy import proportional_kl_coefficient
@@ -471,9 +527,11 @@ def proportional_kl_coefficient(beta, kl, target, num_steps, horizon, *, error_c
         D. M. Ziegler et al., "Fine-Tuning Language Models from Human Preferences", arXiv:1909.08593,
         2019, Section 2.2.
     """
-    beta = jnp.asarray(beta)
-    _check_positive("beta", beta)
-    _check_positive("target", jnp.asarray(target))
-    _check_positive("horizon", jnp.asarray(horizon))
+    masks = [_valid("beta", beta, _POSITIVE), _valid("target", target, _POSITIVE),
+             _valid("num_steps", num_steps, _NONNEGATIVE), _valid("horizon", horizon, _POSITIVE),
+             _valid("error_clip", error_clip, _NONNEGATIVE)]
+    gain = jnp.asarray(num_steps) / horizon
+    # The largest downward step must leave beta positive: 1 - error_clip * gain > 0.
+    masks.append(_valid("error_clip * num_steps / horizon", error_clip * gain, _BELOW_ONE))
     error = jnp.clip(jnp.asarray(kl) / target - 1.0, -error_clip, error_clip)
-    return beta * (1.0 + error * num_steps / horizon)
+    return _where_valid(jnp.asarray(beta) * (1.0 + error * gain), masks)

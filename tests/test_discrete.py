@@ -7,6 +7,7 @@ import re
 import chex
 import jax
 import jax.numpy as jnp
+import mpmath
 import numpy as np
 import pytest
 import scipy.spatial.distance
@@ -63,46 +64,53 @@ logit_vectors = hnp.arrays(np.float64, (K,), elements=st.floats(-20.0, 20.0))
 def test_math_helpers_match_scipy_and_are_zero_safe():
     x = jnp.array([0.0, 0.0, 0.3, 0.7, 0.5])
     y = jnp.array([0.0, 0.4, 0.0, 0.2, 0.5])
-    # jit: one compilation per helper instead of one per primitive.
-    rel_entr, xlogx, xlogy, rel_entr_from_logs = map(
-        jax.jit, (_math.rel_entr, _math.xlogx, _math.xlogy, _math.rel_entr_from_logs)
+    xlogx, safe_log, phi, log_ratio = map(
+        jax.jit, (_math.xlogx, _math.safe_log, _math.exp_minus_one_minus, _math.log_ratio)
     )
-    np.testing.assert_allclose(rel_entr(x, y), scipy.special.rel_entr(x, y), rtol=1e-12)
     np.testing.assert_allclose(xlogx(x), -scipy.special.entr(x), rtol=1e-12)
-    np.testing.assert_allclose(xlogy(x, y), scipy.special.xlogy(x, y), rtol=1e-12)
-    np.testing.assert_allclose(
-        rel_entr_from_logs(jnp.log(x), jnp.log(y)), scipy.special.rel_entr(x, y), rtol=1e-12
-    )
+    np.testing.assert_array_equal(safe_log(x), [-np.inf, -np.inf, np.log(0.3), np.log(0.7), np.log(0.5)])
+    u = np.array([-50.0, -1.0, -0.09, -1e-5, 0.0, 1e-7, 0.05, 0.2, 30.0])
+    with mpmath.workdps(50):
+        expected = np.array([float(mpmath.expm1(v) - v) for v in u])
+    np.testing.assert_allclose(phi(u), expected, rtol=1e-15)
+    np.testing.assert_allclose(phi(u.astype(np.float32)), expected, rtol=3e-7)
+    assert np.isposinf(phi(jnp.array([-jnp.inf, jnp.inf]))).all()
+    a = np.array([1.0001, 3.0, 0.0, 1e-30], np.float32)
+    b = np.array([1.0, 1.0, 2.0, 1.0], np.float32)
+    with mpmath.workdps(50):
+        expected = [float(mpmath.log(mpmath.mpf(float(ai)) / float(bi))) if ai > 0 else -np.inf for ai, bi in zip(a, b)]
+    np.testing.assert_allclose(log_ratio(a, b), expected, rtol=2e-7)
     # Invalid input never hides in a finite value.
-    assert np.isnan(rel_entr(jnp.array([-0.1, 0.0]), jnp.array([0.5, -0.1]))).all()
     assert np.isnan(xlogx(jnp.array([-0.1, jnp.nan]))).all()
-    assert np.isnan(rel_entr_from_logs(jnp.array([jnp.nan, jnp.inf]), jnp.array([0.0, 0.0]))).all()
+    assert np.isnan(safe_log(jnp.array([-0.1, jnp.nan]))).all()
     # Gradients at the zeros: 0, never NaN.
-    for f in (lambda x: jnp.sum(rel_entr(x, y)), lambda x: jnp.sum(xlogx(x)), lambda x: jnp.sum(xlogy(x, y))):
+    for f in (lambda x: jnp.sum(xlogx(x)), lambda x: jnp.sum(jnp.where(x > 0, safe_log(x), 0))):
         g = jax.grad(f)(x)
         assert np.isfinite(g[:2]).all() and (g[:2] == 0).all()
-    g = jax.grad(lambda lp, lq: jnp.sum(rel_entr_from_logs(lp, lq)), argnums=(0, 1))(jnp.log(x), jnp.log(y))
-    assert not np.isnan(g[0]).any() and not np.isnan(g[1]).any()
 
-    # The fused, select-free sum agrees with the elementwise definition, including its infinities,
-    # the 0 * -inf corners and an underflowing p facing q = 0 (p > 0, so the divergence is +inf).
+
+def test_kl_from_log_weights_matches_the_definition_and_its_corners():
+    kernel = jax.jit(_math.kl_from_log_weights, static_argnums=2)
+    rng = np.random.default_rng(0)
+    log_w, log_v = rng.normal(size=(3, 6)), rng.normal(size=(3, 6))
+    # Unnormalised, shifted weights: the kernel normalises both.
+    lp, lq = scipy.special.log_softmax(log_w, -1), scipy.special.log_softmax(log_v, -1)
+    expected = np.sum(np.exp(lp) * (lp - lq), -1)
+    np.testing.assert_allclose(kernel(log_w + 3.0, log_v - 7.0, 1), expected, rtol=1e-13)
+    # An accurate ratio may be passed; it must agree with the difference of the log-weights.
+    np.testing.assert_allclose(kernel(log_w, log_v, 1, log_v - log_w), expected, rtol=1e-13)
     inf = np.inf
-    log_p = jnp.array([[-inf, -inf, -0.5, -1.5], [-inf, -0.2, -2.0, -300.0], [-inf, -0.2, -2.0, -800.0]])
-    log_q = jnp.array([[-inf, -1.0, -0.7, -0.9], [-inf, -0.1, -3.0, -1.0], [-1.0, -0.1, -3.0, -inf]])
-    fused = jax.jit(_math.sum_rel_entr_from_logs, static_argnums=2)
-    for dtype in (jnp.float64, jnp.float32):
-        got = fused(log_p.astype(dtype), log_q.astype(dtype), 1)
-        finite_log_q = np.nan_to_num(log_q, neginf=-1e300)
-        expected = np.where(np.exp(log_p) > 0, np.exp(log_p) * (log_p - finite_log_q), 0.0)
-        tolerance = dict(rtol=1e-12) if dtype == jnp.float64 else dict(rtol=1e-5, atol=1e-6)
-        # All three rows: one total is infinite, so every row comes from the select-based fallback.
-        np.testing.assert_allclose(got[:2], expected[:2].sum(-1), **tolerance)
-        assert np.isposinf(got[2]) and got.dtype == dtype
-        # The first two rows alone are finite and come from the arithmetic fast path.
-        fast = fused(log_p[:2].astype(dtype), log_q[:2].astype(dtype), 1)
-        np.testing.assert_allclose(fast, expected[:2].sum(-1), **tolerance)
-    assert np.isnan(fused(jnp.array([0.0, jnp.inf]), jnp.array([0.0, 0.0]), 0))
-    assert np.isnan(fused(jnp.array([0.0, -1.0]), jnp.array([jnp.nan, 0.0]), 0))
+    # p = 0 counts only through Q's mass there; q = 0 under p > 0 is +inf.
+    got = kernel(jnp.array([[0.0, -inf, 0.0], [0.0, 0.0, 0.0], [0.0, -inf, -inf]]),
+                 jnp.array([[0.0, 0.0, 0.0], [0.0, -inf, 1.0], [0.0, -inf, -inf]]), 1)
+    np.testing.assert_allclose(got[0], np.log(1.5), rtol=1e-15)
+    assert np.isposinf(got[1]) and got[2] == 0.0
+    # Gradient: the softmax Jacobians, dKL/dlog w_p = p (log p - log q - KL), dKL/dlog w_q = q - p.
+    grad_p, grad_q = jax.grad(lambda a, b: jnp.sum(kernel(a, b, 1)), argnums=(0, 1))(log_w, log_v)
+    np.testing.assert_allclose(grad_q, np.exp(lq) - np.exp(lp), rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(grad_p, np.exp(lp) * (lp - lq - expected[:, None]), rtol=1e-10, atol=1e-14)
+    g = jax.grad(lambda a: kernel(a, jnp.array([0.3, 0.0, -0.1]), 0))(jnp.array([0.0, -inf, 0.0]))
+    assert g[1] == 0.0 and np.isfinite(g).all()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -352,10 +360,10 @@ def test_kl_logits_gradient_closed_form_and_finite_differences():
     a[0, 2] = b[0, 2] = -np.inf
     hessian = jax.hessian(lambda a: jnp.sum(discrete.kl_logits(a, b)))(a)
     assert not np.isnan(hessian).any()
-    # kl_log takes log-probabilities as given: d/dlog_p = p (log p - log q + 1), d/dlog_q = -p.
+    # kl_log normalises too, so its derivatives are the same softmax Jacobians.
     grad_lp, grad_lq = jax.grad(lambda a, b: jnp.sum(discrete.kl_log(a, b)), argnums=(0, 1))(la, lb)
-    np.testing.assert_allclose(grad_lp, np.exp(la) * (la - lb + 1.0), rtol=1e-10, atol=1e-13)
-    np.testing.assert_allclose(grad_lq, -np.exp(la), rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(grad_lp, np.exp(la) * (la - lb - kl), rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(grad_lq, np.exp(lb) - np.exp(la), rtol=1e-10, atol=1e-13)
 
 
 def test_asymmetry_example():
@@ -516,10 +524,9 @@ def test_where_masks():
     np.testing.assert_allclose(
         discrete.kl_logits(a, b, where=mask), _np_kl_logits(a[:, keep], b[:, keep]), rtol=1e-12
     )
-    # kl_log: the kept terms summed as given (no renormalisation).
-    terms = scipy.special.rel_entr(p, q)
+    # kl_log: like kl_logits, renormalised over the kept entries.
     np.testing.assert_allclose(
-        discrete.kl_log(np.log(p), np.log(q), where=mask), terms[:, keep].sum(-1), rtol=1e-12
+        discrete.kl_log(np.log(p), np.log(q), where=mask), _np_kl(p[:, keep], q[:, keep]), rtol=1e-12
     )
     # Garbage (NaN, negative, +inf) under the mask changes neither value nor gradient finiteness.
     dirty_p = np.where(mask, p, np.nan)

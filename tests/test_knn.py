@@ -4,6 +4,7 @@ Truths: the ``universal-divergence`` package (WKV 2009, fixed and adaptive k), c
 entropies of Gaussians (Monte Carlo tolerance from the spread over seeds), finite differences.
 """
 
+import functools
 import inspect
 import math
 
@@ -212,6 +213,20 @@ def test_duplicate_policy():
     with pytest.raises(ValueError, match="coincides"):
         knn.cross_entropy(x, y)
     assert np.isnan(float(jax.jit(lambda a, b: knn.cross_entropy(a, b))(x, y)))
+
+
+@pytest.mark.parametrize("method", ["brute", "kdtree"])
+def test_non_finite_samples_give_nan_under_jit(method):
+    # The neighbour search now returns NaN distances for them; the estimates must stay NaN too.
+    x, y = normal(27, 40, 2), normal(28, 30, 2)
+    bad_x, bad_y = x.copy(), y.copy()
+    bad_x[4, 0], bad_y[9, 1] = np.nan, np.inf
+    estimators = [jax.jit(functools.partial(knn.kl, estimator=estimator, method=method))
+                  for estimator in knn.ESTIMATORS]
+    estimators.append(jax.jit(functools.partial(knn.cross_entropy, method=method)))
+    for estimate in estimators:  # each compiled once, for both inputs
+        assert np.isnan(float(estimate(bad_x, y))) and np.isnan(float(estimate(x, bad_y)))
+    assert np.isnan(float(jax.jit(functools.partial(knn.entropy, method=method))(bad_x)))
 
 
 def test_errors():

@@ -329,3 +329,106 @@ def test_auto_method_choice():
     assert _knn_search.resolve_method("auto", 2) == ("kdtree" if jax.default_backend() == "cpu" else "brute")
     assert _knn_search.resolve_method("auto", 7) == "brute"
     assert _knn_search.resolve_method("kdtree", 50) == "kdtree"
+
+
+# ------------------------------------------------------------------------------------------------
+# Non-finite points: eagerly an error, under jit NaN (never a wrong finite distance)
+# ------------------------------------------------------------------------------------------------
+
+
+def assert_unknown_rows(result, refs_rows, unknown, expected):
+    """Rows ``unknown`` have NaN distances and in-range indices; the others match ``expected``."""
+    distances, index = np.asarray(result[0]), np.asarray(result[1])
+    assert np.all((index >= 0) & (index < refs_rows))
+    assert np.all(np.isnan(distances[unknown]))
+    known = np.setdiff1d(np.arange(len(distances)), unknown)
+    if known.size:
+        np.testing.assert_array_equal(index[known], expected[1][known])
+        np.testing.assert_allclose(distances[known], expected[0][known], rtol=1e-13)
+
+
+# d = 2: difference tiles; d = 8: Gram pre-selection (centred on the reference mean, which a NaN
+# reference poisons); block_size=4: many tiles, so the NaN sits in one of several (brute path only).
+@pytest.mark.parametrize("method, d, block_size", [("brute", 2, None), ("brute", 2, 4), ("brute", 8, 4),
+                                                   ("kdtree", 2, None), ("kdtree", 8, None)])
+def test_non_finite_points_give_nan_distances_under_jit(method, d, block_size):
+    queries, refs = normal(30, 20, d), normal(31, 30, d)
+    search = jax.jit(lambda q, r: neighbors(q, r, 3, method=method, block_size=block_size))
+    for bad in (np.nan, np.inf, -np.inf):
+        # A non-finite query: NaN for that query only (was 0 on the tree path, inf on the brute one,
+        # with index 2**31 - 1).
+        bad_queries = queries.copy()
+        bad_queries[5, d - 1] = bad
+        expected = brute_force(queries, refs, 3)
+        assert_unknown_rows(search(bad_queries, refs), 30, [5], expected)
+        # A non-finite reference could be anyone's neighbour: NaN for every query (the brute path
+        # skipped it silently, the tree path answered distance 0).
+        bad_refs = refs.copy()
+        bad_refs[7, 0] = bad
+        assert_unknown_rows(search(queries, bad_refs), 30, np.arange(20), expected)
+    # with exclude_self the query is also a reference: every row is unknown
+    bad_refs = refs.copy()
+    bad_refs[2, 0] = np.nan
+    result = jax.jit(lambda r: neighbors(r, r, 2, exclude_self=True, method=method,
+                                         block_size=block_size))(bad_refs)
+    assert_unknown_rows(result, 30, np.arange(30), None)
+
+
+def test_non_finite_points_give_nan_under_vmap_per_problem():
+    queries, refs = normal(32, 3, 10, 2), normal(33, 3, 12, 2)
+    refs[1, 4, 1] = np.nan
+    queries[2, 6, 0] = np.nan
+    distances, index = jax.jit(jax.vmap(lambda q, r: neighbors(q, r, 2, method="brute")))(queries, refs)
+    distances = np.asarray(distances)
+    assert np.all((np.asarray(index) >= 0) & (np.asarray(index) < 12))
+    assert not np.any(np.isnan(distances[0]))
+    assert np.all(np.isnan(distances[1]))  # a NaN reference: its whole problem
+    assert np.isnan(distances[2, 6]).all() and not np.isnan(np.delete(distances[2], 6, axis=0)).any()
+
+
+@pytest.mark.parametrize("method", ["brute", "kdtree"])
+def test_non_finite_points_give_nan_on_the_sharded_path(method):
+    # The shard_map path runs eagerly only for inputs it cannot check (across processes); here the
+    # engine is driven directly, under jit, with the split a concrete sharded array would give.
+    mesh = four_device_mesh()
+    rows = NamedSharding(mesh, PartitionSpec("shards"))
+    queries, refs = normal(34, 16, 3), normal(35, 40, 3)
+    ref_split = _knn_search.row_split(jax.device_put(refs, rows))
+    query_split = _knn_search.row_split(jax.device_put(queries, rows))
+    expected = brute_force(queries, refs, 2)
+    split_refs = jax.jit(lambda q, r: _knn_search.search(q, r, 2, method=method, ref_split=ref_split))
+    split_queries = jax.jit(lambda q, r: _knn_search.search(q, r, 2, method=method,
+                                                            query_split=query_split))
+    replicated_queries = _knn_search.replicate(jnp.asarray(queries), mesh)
+    replicated_refs = _knn_search.replicate(jnp.asarray(refs), mesh)
+    assert_unknown_rows(split_refs(replicated_queries, jax.device_put(refs, rows)), 40, [], expected)
+    bad_refs = refs.copy()
+    bad_refs[37, 1] = np.nan  # on the last shard: the merge over shards must not hide it
+    assert_unknown_rows(split_refs(replicated_queries, jax.device_put(bad_refs, rows)), 40,
+                        np.arange(16), expected)
+    bad_queries = queries.copy()
+    bad_queries[9, 2] = np.nan
+    assert_unknown_rows(split_queries(jax.device_put(bad_queries, rows), replicated_refs), 40, [9],
+                        expected)
+
+
+def test_non_finite_points_raise_eagerly():
+    queries, refs = normal(36, 5, 2), normal(37, 8, 2)
+    for bad in (np.nan, np.inf):
+        bad_queries = queries.copy()
+        bad_queries[1, 0] = bad
+        with pytest.raises(ValueError, match="`queries` contains NaN or inf"):
+            neighbors(bad_queries, refs, 1)
+        bad_refs = refs.copy()
+        bad_refs[1, 0] = bad
+        with pytest.raises(ValueError, match="`refs` contains NaN or inf"):
+            neighbors(queries, bad_refs, 1, method="brute")
+
+
+def test_exclude_self_must_be_a_bool():
+    refs = normal(38, 8, 2)
+    for flag in ("no", 0, 1, None):
+        with pytest.raises(TypeError, match="`exclude_self` must be a bool"):
+            neighbors(refs, refs, 1, exclude_self=flag)
+    assert_same(neighbors(refs, refs, 1, exclude_self=np.bool_(True)),
+                neighbors(refs, refs, 1, exclude_self=True))

@@ -271,6 +271,27 @@ def test_bad_values_and_dtypes_raise():
         jax.jit(lambda b: mc.kl(closed_over, b))(jnp.zeros(2))
 
 
+@pytest.mark.parametrize("function", [mc.kl, mc.kl_with_stderr, mc.reverse_kl,
+                                      mc.reverse_kl_with_stderr])
+def test_empty_sample_axis_raises(function):
+    # The mean of no samples used to come back as a silent NaN.
+    with pytest.raises(ValueError, match=r"`log_p` is empty along the sample axis 0 \(shape \(0,\)\)"):
+        function(jnp.zeros(0), jnp.zeros(0))
+    with pytest.raises(ValueError, match=r"`log_p` is empty along the sample axis 0 \(shape \(0, 3\)\)"):
+        function(jnp.zeros((0, 3)), jnp.zeros((0, 3)), axis=0)
+    # the size is static: under jit it raises at trace time too
+    with pytest.raises(ValueError, match="`log_p` is empty"):
+        jax.jit(function)(jnp.zeros((2, 0)), jnp.zeros((2, 0)))
+    # an empty batch axis is fine: no estimates, each of many samples
+    out = function(jnp.zeros((0, 3)), jnp.zeros((0, 3)))
+    assert all(np.shape(o) == (0,) for o in (out if isinstance(out, tuple) else (out,)))
+
+
+def test_per_sample_terms_of_no_samples_are_empty():
+    for term in (*FORWARD.values(), *REVERSE.values()):
+        assert term(jnp.zeros(0), jnp.zeros(0)).shape == (0,)
+
+
 def test_kl_from_rejects_bad_arguments():
     key = jax.random.key(0)
 

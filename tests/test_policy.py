@@ -312,3 +312,79 @@ def test_proportional_kl_coefficient_matches_reference_formula():
     assert np.isnan(float(jax.jit(policy.proportional_kl_coefficient)(1.0, jnp.nan, 1.0, 1, 1)))
     with pytest.raises(ValueError, match="horizon"):
         policy.proportional_kl_coefficient(1.0, 1.0, 1.0, 1, 0)
+
+
+@pytest.mark.parametrize("controller, arguments, name, bad", [
+    ("adaptive", dict(beta=1.0, kl=0.01, target=0.01), "target", -1.0),
+    ("adaptive", dict(beta=1.0, kl=0.01, target=0.01), "target", 0.0),
+    ("adaptive", dict(beta=1.0, kl=0.01, target=0.01), "beta", -0.5),
+    ("adaptive", dict(beta=1.0, kl=0.01, target=0.01), "tolerance", 0.5),  # an inverted band
+    ("adaptive", dict(beta=1.0, kl=0.01, target=0.01), "factor", 0.5),  # beta moves the wrong way
+    ("proportional", dict(beta=1.0, kl=2.0, target=1.0, num_steps=1, horizon=10), "target", 0.0),
+    ("proportional", dict(beta=1.0, kl=2.0, target=1.0, num_steps=1, horizon=10), "target", -1.0),
+    ("proportional", dict(beta=1.0, kl=2.0, target=1.0, num_steps=1, horizon=10), "beta", 0.0),
+    ("proportional", dict(beta=1.0, kl=2.0, target=1.0, num_steps=1, horizon=10), "num_steps", -5),
+    ("proportional", dict(beta=1.0, kl=2.0, target=1.0, num_steps=1, horizon=10), "horizon", -10.0),
+    ("proportional", dict(beta=1.0, kl=2.0, target=1.0, num_steps=1, horizon=10), "error_clip", -0.2),
+    ("proportional", dict(beta=1.0, kl=2.0, target=1.0, num_steps=1, horizon=10), "beta", np.nan),
+])
+def test_controllers_reject_bad_arguments(controller, arguments, name, bad):
+    # Eagerly a ValueError naming the argument; under jit NaN, never a finite coefficient.
+    function = {"adaptive": policy.adaptive_kl_coefficient,
+                "proportional": policy.proportional_kl_coefficient}[controller]
+    arguments = dict(arguments, **{name: bad})
+    assert np.isfinite(float(function(**dict(arguments, **{name: {"num_steps": 1}.get(name, 1.0)}))))
+    with pytest.raises(ValueError, match=f"`{name}` must be"):
+        function(**arguments)
+    assert np.isnan(float(jax.jit(lambda a: function(**a))(arguments)))
+
+
+def test_proportional_controller_step_must_keep_beta_positive():
+    # error_clip * num_steps / horizon >= 1 would let one step down turn beta negative (here -1).
+    with pytest.raises(ValueError, match=r"`error_clip \* num_steps / horizon` must be < 1"):
+        policy.proportional_kl_coefficient(1.0, 0.0, 1.0, 100, 10)
+    assert np.isnan(float(jax.jit(policy.proportional_kl_coefficient)(1.0, 0.0, 1.0, 100, 10)))
+    # at rest (num_steps = 0) nothing moves; an unclipped controller (error_clip = 0) neither
+    assert float(policy.proportional_kl_coefficient(0.3, 5.0, 1.0, 0, 10)) == pytest.approx(0.3)
+    assert float(policy.proportional_kl_coefficient(0.3, 5.0, 1.0, 4, 10, error_clip=0.0)) == 0.3
+
+
+@pytest.mark.parametrize("dtype, far", [(jnp.float32, -200.0), (jnp.float64, -800.0)])
+def test_exact_kl_agrees_with_discrete_when_a_probability_underflows(dtype, far):
+    # exp(far) underflows to 0, but a finite logit is a positive probability facing q = 0: +inf,
+    # as kljax.discrete.kl_logits says (policy used to call the action out of support: 0).
+    from kljax import discrete
+
+    logits = jnp.array([[0.0, far], [0.0, 1.0]], dtype=dtype)
+    logits_ref = jnp.array([[0.0, -jnp.inf], [1.0, 0.0]], dtype=dtype)
+    value = policy.exact_kl(logits, logits_ref)
+    assert value.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(value), np.asarray(discrete.kl_logits(logits, logits_ref)))
+    assert float(value[0]) == np.inf
+    np.testing.assert_array_equal(np.asarray(jax.jit(policy.exact_kl)(logits, logits_ref)),
+                                  np.asarray(value))
+
+
+def test_exact_kl_bad_logits_raise_eagerly_and_give_nan_under_jit():
+    good = jnp.log(jnp.array([0.5, 0.3, 0.2]))
+    for bad, message in ((jnp.array([0.0, jnp.nan, 1.0]), "contains NaN"),
+                         (jnp.array([0.0, jnp.inf, 1.0]), r"contains \+inf"),
+                         (jnp.full(3, -jnp.inf), "all -inf")):
+        with pytest.raises(ValueError, match=f"`logits` .*{message}"):
+            policy.exact_kl(bad, good)
+        with pytest.raises(ValueError, match=f"`logits_ref` .*{message}"):
+            policy.exact_kl(good, bad)
+        assert np.isnan(float(jax.jit(policy.exact_kl)(bad, good)))
+        assert np.isnan(float(jax.jit(policy.exact_kl)(good, bad)))
+
+
+def test_sequence_exact_kl_tokens_out_of_range():
+    # A token -1 used to wrap around to the last action and give a finite surrogate.
+    logits, logits_ref = jnp.zeros((3, 2)), jnp.array([[0.0, 1.0]] * 3)
+    for tokens in ([0, 1, -1], [0, 2, 1]):
+        with pytest.raises(ValueError, match=r"`tokens` must lie in \[0, 2\)"):
+            policy.sequence_exact_kl(logits, logits_ref, jnp.array(tokens))
+        assert np.isnan(float(jax.jit(policy.sequence_exact_kl)(logits, logits_ref, jnp.array(tokens))))
+    batch = jax.jit(policy.sequence_exact_kl)(jnp.zeros((2, 3, 2)), jnp.ones((2, 3, 2)),
+                                              jnp.array([[0, 1, 1], [0, -1, 1]]))
+    assert np.isfinite(float(batch[0])) and np.isnan(float(batch[1]))
