@@ -55,6 +55,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
+from kljax._math import exp_minus_one_minus, kl_from_log_weights, log_ratio
 from kljax.distributions import (
     Bernoulli,
     Beta,
@@ -208,31 +209,6 @@ def _builtin(function: KLFunction) -> KLFunction:
     return jax.jit(masked)
 
 
-def _exp_minus_one_minus(u: jax.Array) -> jax.Array:
-    """e^u - 1 - u >= 0 to full relative precision, also near u = 0 (every scale-only KL term has it).
-
-    ``expm1(u) - u`` loses about log10(2 / |u|) digits to cancellation; for |u| < 0.1 the Taylor
-    series sum_{n=2}^{10} u^n / n! is used instead (truncation error < 1e-16 relative).
-    """
-    small = jnp.abs(u) < 0.1
-    v = jnp.where(small, u, jnp.zeros_like(u))
-    series = jnp.zeros_like(v)
-    for n in range(10, 1, -1):  # Horner: u^2 (1/2! + u (1/3! + ... + u / 10!))
-        series = v * series + 1 / math.factorial(n)
-    return jnp.where(small, v * v * series, jnp.expm1(u) - u)
-
-
-def _log_ratio(a: jax.Array, b: jax.Array) -> jax.Array:
-    """log(a / b) for positive a, b; via log1p((a - b) / b) when a and b are close.
-
-    a - b is exact there (Sterbenz), so the result keeps full relative precision even in float32,
-    where log(a) - log(b) would lose ~3 digits for a/b = 1.001.
-    """
-    close = jnp.abs(a - b) < 0.5 * b
-    near = jnp.log1p((a - b) / jnp.where(close, b, jnp.ones_like(b)))
-    return jnp.where(close, near, jnp.log(a) - jnp.log(b))
-
-
 def _log1p_of_ratio(x: jax.Array, numerator: jax.Array, denominator: jax.Array) -> jax.Array:
     """log(1 + x) where 1 + x = numerator / denominator (both > 0) and x carries their exact difference.
 
@@ -249,83 +225,12 @@ def _log1p_of_ratio(x: jax.Array, numerator: jax.Array, denominator: jax.Array) 
 def _x_minus_log1p(x: jax.Array, log1p_x: jax.Array) -> jax.Array:
     """x - log(1 + x) >= 0 for x > -1, given log(1 + x), to full relative precision also near x = 0.
 
-    That is phi(log1p(x)): the series of ``_exp_minus_one_minus`` for |log1p(x)| < 0.1, else the
+    That is phi(log1p(x)): the series of ``kljax._math.exp_minus_one_minus`` for |log1p(x)| < 0.1, else the
     difference itself (no cancellation there).
     """
     small = jnp.abs(log1p_x) < 0.1
-    series = _exp_minus_one_minus(jnp.where(small, log1p_x, jnp.zeros_like(log1p_x)))
+    series = exp_minus_one_minus(jnp.where(small, log1p_x, jnp.zeros_like(log1p_x)))
     return jnp.where(small, series, x - log1p_x)
-
-
-def _kl_from_log_ratio(log_p: jax.Array, log_ratio: jax.Array, axis: int = -1) -> jax.Array:
-    """D(P || Q) of categorical P and Q from log P and log_ratio = log(q / p) + any constant.
-
-    D = log E_P[e^c] = log1p(E_P[phi(c)]) with c = log_ratio - E_P[log_ratio], a sum of non-negative
-    terms (E_P[e^log_ratio] = e^constant when Q is normalised on the support of P). Categories with
-    log_p = -inf are left out (``log_ratio`` there is ignored, whatever it is); log_ratio = -inf where
-    log_p > -inf gives +inf. The centring is done twice, so that a constant offset between the logits
-    of P and Q (a mean much larger than c) costs no precision. Where p e^c is large the sum is taken
-    in log space (``logsumexp``), where no precision is at stake; p phi(c) = e^{log p + c} - p (1 + c)
-    for large c avoids e^c overflowing when p is tiny. If Q has mass outside the support of P, add
-    -log Q(support of P).
-    """
-    zeros = jnp.zeros_like(log_p)
-    support = log_p > -jnp.inf
-    q_zero = support & (log_ratio == -jnp.inf)
-    infinite = jnp.any(q_zero, axis=axis)
-    counted = support & ~q_zero
-    p = jnp.exp(log_p)
-    centred = jnp.where(counted, log_ratio, zeros)
-    for _ in range(2):  # the second pass removes the rounding error of the first mean
-        centred = jnp.where(counted, centred - jnp.sum(p * centred, axis=axis, keepdims=True), zeros)
-    log_terms = jnp.where(support, log_p, zeros) + centred  # log(p e^c)
-    ceiling = 0.5 * math.log(jnp.finfo(log_p.dtype).max)
-    large = centred > 4.0
-    terms = jnp.where(
-        large,
-        jnp.exp(jnp.minimum(log_terms, ceiling)) - p * (1 + centred),
-        p * _exp_minus_one_minus(jnp.where(large, zeros, centred)),
-    )
-    series = jnp.sum(jnp.where(counted, terms, zeros), axis=axis)
-    overflow = jnp.any(counted & (log_terms > ceiling), axis=axis)
-    # In an infinite row every entry takes part, so that logsumexp never sees only -inf (NaN gradient).
-    log_sum = jax.nn.logsumexp(
-        jnp.where(counted | jnp.expand_dims(infinite, axis), log_terms, jnp.full_like(log_p, -jnp.inf)),
-        axis=axis,
-    )
-    value = jnp.where(overflow, log_sum, jnp.log1p(jnp.where(overflow, jnp.zeros_like(series), series)))
-    return jnp.where(infinite, jnp.inf, value)
-
-
-def _kl_from_logits(logits_p: jax.Array, logits_q: jax.Array) -> jax.Array:
-    """D(Cat(softmax(logits_p)) || Cat(softmax(logits_q))) over the last axis; logits finite or -inf.
-
-    ``_kl_from_log_ratio`` with log_ratio = logits_q - logits_p, plus -log Q(support of P) where Q
-    puts mass on categories that P excludes (both terms are >= 0). NaN where a row of either has a
-    NaN or +inf logit.
-    """
-    zeros = jnp.zeros_like(logits_p)
-    support = logits_p > -jnp.inf
-    q_positive = logits_q > -jnp.inf
-    safe_p = jnp.where(support, logits_p, zeros)
-    safe_q = jnp.where(q_positive, logits_q, zeros)
-    log_ratio = jnp.where(q_positive, safe_q - safe_p, jnp.full_like(logits_p, -jnp.inf))
-    centred = _kl_from_log_ratio(jax.nn.log_softmax(logits_p, axis=-1), log_ratio, axis=-1)
-    # -log Q(support of P): -log1p(-Q(outside)) while Q(outside) <= 1/2, else -log Q(inside) in log space.
-    q = jax.nn.softmax(logits_q, axis=-1)
-    outside = jnp.sum(jnp.where(support, zeros, q), axis=-1)
-    inside_terms = support & q_positive
-    any_inside = jnp.any(inside_terms, axis=-1, keepdims=True)
-    # Rows without an inside term are infinite anyway; give their logsumexp finite entries (gradient).
-    inside_logits = jnp.where(inside_terms | ~any_inside, safe_q, jnp.full_like(safe_q, -jnp.inf))
-    log_inside = jax.nn.logsumexp(inside_logits, axis=-1) - jax.nn.logsumexp(logits_q, axis=-1)
-    mostly_outside = outside > 0.5
-    mass_term = jnp.where(mostly_outside, -log_inside,
-                          -jnp.log1p(-jnp.where(mostly_outside, jnp.zeros_like(outside), outside)))
-    # NaN or +inf logits (possible under jit, where constructors cannot check) give NaN.
-    invalid = jnp.any(jnp.isnan(logits_p) | jnp.isnan(logits_q) | (logits_p == jnp.inf)
-                      | (logits_q == jnp.inf), axis=-1)
-    return jnp.where(invalid, jnp.nan, centred + mass_term)
 
 
 # Stirling's series for g(x) = log Gamma(x) - (x - 1/2) log x + x - log(2 pi) / 2 (DLMF 5.11.1):
@@ -441,8 +346,8 @@ def kl_normal(p: Normal, q: Normal) -> jax.Array:
       Information Sciences 249:124-131, table of Kullback-Leibler divergences.
     """
     loc_p, scale_p, loc_q, scale_q = jnp.broadcast_arrays(p.loc, p.scale, q.loc, q.scale)
-    log_ratio = _log_ratio(scale_p, scale_q)
-    return 0.5 * _exp_minus_one_minus(2 * log_ratio) + 0.5 * jnp.square((loc_p - loc_q) / scale_q)
+    log_scale_ratio = log_ratio(scale_p, scale_q)
+    return 0.5 * exp_minus_one_minus(2 * log_scale_ratio) + 0.5 * jnp.square((loc_p - loc_q) / scale_q)
 
 
 @register_kl(MultivariateNormalDiag, MultivariateNormalDiag)
@@ -472,8 +377,8 @@ def kl_mvn_diag(p: MultivariateNormalDiag, q: MultivariateNormalDiag) -> jax.Arr
     """
     _check_event_sizes("event size", p.loc.shape[-1], q.loc.shape[-1])
     loc_p, scale_p, loc_q, scale_q = jnp.broadcast_arrays(p.loc, p.scale_diag, q.loc, q.scale_diag)
-    log_ratio = _log_ratio(scale_p, scale_q)
-    terms = 0.5 * _exp_minus_one_minus(2 * log_ratio) + 0.5 * jnp.square((loc_p - loc_q) / scale_q)
+    log_scale_ratio = log_ratio(scale_p, scale_q)
+    terms = 0.5 * exp_minus_one_minus(2 * log_scale_ratio) + 0.5 * jnp.square((loc_p - loc_q) / scale_q)
     return jnp.sum(terms, axis=-1)
 
 
@@ -486,9 +391,9 @@ def _mvn_tril_kl(loc_p, scale_p, loc_q, scale_q):
     scale_p, scale_q = jnp.tril(scale_p), jnp.tril(scale_q)
     whitened_difference = solve_triangular(scale_q, scale_p - scale_q, lower=True)
     whitened_loc = solve_triangular(scale_q, loc_p - loc_q, lower=True)
-    log_diagonal_ratio = _log_ratio(jnp.diagonal(scale_p), jnp.diagonal(scale_q))
+    log_diagonal_ratio = log_ratio(jnp.diagonal(scale_p), jnp.diagonal(scale_q))
     return 0.5 * (jnp.sum(jnp.square(jnp.tril(whitened_difference, -1)))
-                  + jnp.sum(_exp_minus_one_minus(2 * log_diagonal_ratio))
+                  + jnp.sum(exp_minus_one_minus(2 * log_diagonal_ratio))
                   + jnp.sum(jnp.square(whitened_loc)))
 
 
@@ -575,7 +480,7 @@ def kl_categorical(p: Categorical, q: Categorical) -> jax.Array:
     """
     _check_event_sizes("number of categories", p.logits.shape[-1], q.logits.shape[-1])
     logits_p, logits_q = jnp.broadcast_arrays(p.logits, q.logits)
-    return _kl_from_logits(logits_p, logits_q)
+    return kl_from_log_weights(logits_p, logits_q, logits_p.ndim - 1)
 
 
 @register_kl(Bernoulli, Bernoulli)
@@ -613,7 +518,8 @@ def kl_bernoulli(p: Bernoulli, q: Bernoulli) -> jax.Array:
         return jnp.where(finite[..., None],
                          jnp.stack([finite_logits, jnp.zeros_like(logits)], axis=-1), log_probs)
 
-    return _kl_from_logits(two_logits(logits_p), two_logits(logits_q))
+    logits_p, logits_q = two_logits(logits_p), two_logits(logits_q)
+    return kl_from_log_weights(logits_p, logits_q, logits_p.ndim - 1)
 
 
 @register_kl(Poisson, Poisson)
@@ -637,7 +543,7 @@ def kl_poisson(p: Poisson, q: Poisson) -> jax.Array:
       Cover & Thomas (2006), Elements of Information Theory, 2nd ed., eq. (2.26), summed in closed form.
     """
     rate_p, rate_q = jnp.broadcast_arrays(p.rate, q.rate)
-    return rate_p * _exp_minus_one_minus(_log_ratio(rate_q, rate_p))
+    return rate_p * exp_minus_one_minus(log_ratio(rate_q, rate_p))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -676,8 +582,8 @@ def kl_gamma(p: Gamma, q: Gamma) -> jax.Array:
       Linder (2013), Information Sciences 249:124-131, table of Kullback-Leibler divergences.
     """
     k_p, rate_p, k_q, rate_q = jnp.broadcast_arrays(p.concentration, p.rate, q.concentration, q.rate)
-    log_mean_ratio = _log_ratio(rate_q, rate_p) - _log_ratio(k_q, k_p)  # log(m_p / m_q)
-    return k_q * _exp_minus_one_minus(log_mean_ratio) + _stirling_remainder_bregman(k_p, k_q, k_q - k_p)
+    log_mean_ratio = log_ratio(rate_q, rate_p) - log_ratio(k_q, k_p)  # log(m_p / m_q)
+    return k_q * exp_minus_one_minus(log_mean_ratio) + _stirling_remainder_bregman(k_p, k_q, k_q - k_p)
 
 
 @register_kl(Beta, Beta)
@@ -755,9 +661,8 @@ def _dirichlet_kl(a: jax.Array, b: jax.Array) -> jax.Array:
     # The differences b - a are exact for close concentrations; their sum, not b0 - a0, gives delta0.
     delta = b - a
     a0, b0, delta0 = jnp.sum(a, axis=-1), jnp.sum(b, axis=-1), jnp.sum(delta, axis=-1)
-    log_mean_q = jnp.log(b) - jnp.log(b0)[..., None]
-    # log(mean_p / mean_q) up to a constant: log(a_i / b_i).
-    means = b0 * _kl_from_log_ratio(log_mean_q, -_log_ratio(b, a), axis=-1)
+    # D(mean_Q || mean_P) from the weights b and a, with the exact ratio log(a_i / b_i).
+    means = b0 * kl_from_log_weights(jnp.log(b), jnp.log(a), a.ndim - 1, log_ratio(a, b))
     # sum_i B_g(a_i, b_i) - B_g(a0, b0) in one call.
     bregmans = _stirling_remainder_bregman(jnp.concatenate([a, a0[..., None]], axis=-1),
                                            jnp.concatenate([b, b0[..., None]], axis=-1),
@@ -800,10 +705,10 @@ def kl_laplace(p: Laplace, q: Laplace) -> jax.Array:
       distributions", Information Sciences 249:124-131, table of Kullback-Leibler divergences.
     """
     loc_p, scale_p, loc_q, scale_q = jnp.broadcast_arrays(p.loc, p.scale, q.loc, q.scale)
-    log_ratio = _log_ratio(scale_p, scale_q)
+    log_scale_ratio = log_ratio(scale_p, scale_q)
     scaled_distance = jnp.abs(loc_p - loc_q) / scale_p
     # -w + z e^w + e^(w - z) - 1 = phi(w - z) + z (e^w - 1)
-    return _exp_minus_one_minus(log_ratio - scaled_distance) + scaled_distance * jnp.expm1(log_ratio)
+    return exp_minus_one_minus(log_scale_ratio - scaled_distance) + scaled_distance * jnp.expm1(log_scale_ratio)
 
 
 @register_kl(Exponential, Exponential)
@@ -828,4 +733,4 @@ def kl_exponential(p: Exponential, q: Exponential) -> jax.Array:
       distributions", Information Sciences 249:124-131, table of Kullback-Leibler divergences.
     """
     rate_p, rate_q = jnp.broadcast_arrays(p.rate, q.rate)
-    return _exp_minus_one_minus(_log_ratio(rate_q, rate_p))
+    return exp_minus_one_minus(log_ratio(rate_q, rate_p))

@@ -59,6 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kljax._math import exp_minus_one_minus
 from kljax._validation import as_float_array, check_same_shape, is_concrete, normalize_axis
 
 __all__ = [
@@ -81,8 +82,6 @@ __all__ = [
 # cancellation, the series (degree 18) is exact to < eps64 for |t| < 1/2.
 _SERIES_RADIUS = 0.5
 _MAX_DEGREE = 18
-# expm1(t) - t = sum_{k >= 2} t^k / k!
-_K3_COEFFICIENTS = tuple(1.0 / math.factorial(k) for k in range(2, _MAX_DEGREE + 1))
 # t e^t - expm1(t) = sum_{k >= 2} (k - 1) t^k / k!
 _REVERSE_K3_COEFFICIENTS = tuple((k - 1) / math.factorial(k) for k in range(2, _MAX_DEGREE + 1))
 
@@ -107,14 +106,9 @@ def _k2_of_log_ratio(t: jax.Array) -> jax.Array:
 
 @jax.jit
 def _k3_of_log_ratio(t: jax.Array) -> jax.Array:
-    # Double-where: each branch only sees inputs where it is finite, so gradients stay finite too.
-    small = jnp.abs(t) < _SERIES_RADIUS
-    t_small = jnp.where(small, t, 0.0)
-    t_large = jnp.where(small | (t == jnp.inf), 1.0, t)
-    value = jnp.where(small, _series_times_t_squared(t_small, _K3_COEFFICIENTS),
-                      jnp.expm1(t_large) - t_large)
-    # r = inf (P(x) = 0 at a sample of P): the limit of (r - 1) - log r is +inf, not inf - inf.
-    return jnp.where(t == jnp.inf, jnp.inf, value)
+    # (r - 1) - log r = e^t - 1 - t: the one kernel kljax._math keeps for it (a series near t = 0,
+    # +inf at r = 0 and r = inf, finite gradients).
+    return exp_minus_one_minus(t)
 
 
 @jax.jit
