@@ -42,7 +42,9 @@ import numpy as np
 from jax import lax
 
 from kljax._math import computation_dtype, kl_from_log_weights, log_ratio, safe_log, xlogx
-from kljax._validation import as_float_array, check_same_shape, is_concrete, normalize_axis
+from kljax._contract import (as_float_array, check_eagerly, check_logits, check_probabilities, check_same_shape,
+                             host_values, is_concrete, nan_unless, nonnegative, normalize_axis, not_nan,
+                             probabilities_mask)
 
 __all__ = [
     "kl",
@@ -126,52 +128,6 @@ def _mask(where, shape: tuple[int, ...]):
     return where
 
 
-def _host_values(x, mask, fill):
-    """Concrete ``x`` as a NumPy array with masked-out entries replaced by ``fill``; else ``None``."""
-    if not is_concrete(x) or (mask is not None and not is_concrete(mask)):
-        return None
-    values = np.asarray(x)
-    if values.dtype not in (np.float16, np.float32, np.float64):
-        values = values.astype(np.float32)  # e.g. bfloat16, for NumPy's ufuncs
-    if mask is not None:
-        values = np.where(np.asarray(mask), values, fill)
-    return values
-
-
-def _check_probabilities(name: str, x: jax.Array, axis: int, mask=None) -> None:
-    """Eagerly: no NaN, no negative or infinite entry, and some mass in every slice (kept entries)."""
-    values = _host_values(x, mask, 0.0)
-    if values is None:
-        return
-    if np.isnan(values).any():
-        raise ValueError(f"`{name}` contains NaN.")
-    if (values < 0).any():
-        raise ValueError(f"`{name}` has negative entries (min {values.min()}); probabilities must be >= 0.")
-    if np.isinf(values).any():
-        raise ValueError(f"`{name}` has infinite entries; probabilities must be finite.")
-    if not (values > 0).any(axis=axis).all():
-        raise ValueError(
-            f"`{name}` has a slice along axis {axis} with no probability mass "
-            "(all entries zero or masked out)."
-        )
-
-
-def _check_logits(name: str, x: jax.Array, axis: int, mask=None, kind: str = "logits") -> None:
-    """Eagerly: no NaN or ``+inf``, and at least one entry above ``-inf`` per slice (kept entries)."""
-    values = _host_values(x, mask, -np.inf)
-    if values is None:
-        return
-    if np.isnan(values).any():
-        raise ValueError(f"`{name}` contains NaN.")
-    if (values == np.inf).any():
-        raise ValueError(f"`{name}` contains +inf; {kind} must be finite or -inf.")
-    if not (values > -np.inf).any(axis=axis).all():
-        raise ValueError(
-            f"`{name}` has a slice along axis {axis} whose entries are all -inf or masked out "
-            "(no probability mass)."
-        )
-
-
 def _masked(x: jax.Array, mask, fill: float) -> jax.Array:
     if mask is None:
         return x
@@ -188,16 +144,6 @@ def _upcast(*arrays):
     return tuple(x.astype(computation_dtype(x.dtype)) for x in arrays)
 
 
-def _valid_probabilities(x: jax.Array, axis: int) -> jax.Array:
-    """Per slice: every entry finite and >= 0 (no NaN), and some mass. Under jit the complement is
-    where a value problem must give NaN."""
-    return jnp.all((x >= 0) & (x < jnp.inf), axis=axis) & jnp.any(x > 0, axis=axis)
-
-
-def _nan_unless(valid: jax.Array, value: jax.Array) -> jax.Array:
-    return jnp.where(valid, value, jnp.full_like(value, jnp.nan))
-
-
 def _kl_of_probabilities(p: jax.Array, q: jax.Array, axis: int) -> jax.Array:
     """``D(P || Q)`` of the normalised non-negative weights ``p`` and ``q``, cancellation-free."""
     p_positive = p > 0
@@ -206,7 +152,7 @@ def _kl_of_probabilities(p: jax.Array, q: jax.Array, axis: int) -> jax.Array:
     log_ratios = jnp.where(p_positive, log_ratio(q, p_safe), 0)
     value = kl_from_log_weights(safe_log(p), safe_log(q), axis, log_ratios)
     value = value + _normalisation_gradient_at_zeros(p, q, value, axis)
-    return _nan_unless(_valid_probabilities(p, axis) & _valid_probabilities(q, axis), value)
+    return nan_unless(value, probabilities_mask(p, axis), probabilities_mask(q, axis))
 
 
 def _normalisation_gradient_at_zeros(p, q, value, axis):
@@ -247,14 +193,14 @@ def _entropy_of_probabilities(p: jax.Array, axis: int) -> jax.Array:
     is_top = p == top
     z_minus_one = jnp.sum(jnp.where(is_top, 0, w), axis=axis) + (jnp.sum(is_top, axis=axis) - 1)
     value = jnp.log1p(z_minus_one) - jnp.sum(xlogx(jnp.where(is_top, 1, w)), axis=axis) / (1 + z_minus_one)
-    return _nan_unless(_valid_probabilities(p, axis), value)
+    return nan_unless(value, probabilities_mask(p, axis))
 
 
 def _validated_probability_pair(p, q, axis, where):
     p, q, axis = _float_pair("p", p, "q", q, axis)
     mask = _mask(where, p.shape)
-    _check_probabilities("p", p, axis, mask)
-    _check_probabilities("q", q, axis, mask)
+    check_probabilities("p", p, axis, mask)
+    check_probabilities("q", q, axis, mask)
     return p, q, axis, mask
 
 
@@ -345,8 +291,8 @@ def kl_logits(logits_p, logits_q, *, axis: int = -1, where=None, base: float | N
     log_base = _log_base(base)
     a, b, axis = _float_pair("logits_p", logits_p, "logits_q", logits_q, axis)
     mask = _mask(where, a.shape)
-    _check_logits("logits_p", a, axis, mask)
-    _check_logits("logits_q", b, axis, mask)
+    check_logits("logits_p", a, axis, mask)
+    check_logits("logits_q", b, axis, mask)
     return _kl_logits_core(a, b, mask, log_base, axis=axis)
 
 
@@ -392,8 +338,8 @@ def kl_log(log_p, log_q, *, axis: int = -1, where=None, base: float | None = Non
     log_base = _log_base(base)
     log_p, log_q, axis = _float_pair("log_p", log_p, "log_q", log_q, axis)
     mask = _mask(where, log_p.shape)
-    _check_logits("log_p", log_p, axis, mask, kind="log-probabilities")
-    _check_logits("log_q", log_q, axis, mask, kind="log-probabilities")
+    check_logits("log_p", log_p, axis, mask, kind="log-probabilities")
+    check_logits("log_q", log_q, axis, mask, kind="log-probabilities")
     return _kl_log_core(log_p, log_q, mask, log_base, axis=axis)
 
 
@@ -427,7 +373,7 @@ def entropy(p, *, axis: int = -1, base: float | None = None) -> jax.Array:
     log_base = _log_base(base)
     p = as_float_array("p", p)
     axis = _event_axis("p", p, axis)
-    _check_probabilities("p", p, axis)
+    check_probabilities("p", p, axis)
     return _entropy_core(p, log_base, axis=axis)
 
 
@@ -539,7 +485,7 @@ def _jensen_shannon_of_probabilities(p: jax.Array, q: jax.Array, axis: int) -> j
     log_m = jnp.logaddexp(log_p, log_q) - math.log(2)
     value = (kl_from_log_weights(log_p, log_m, axis, _log_half_one_plus_exp(u_p))
              + kl_from_log_weights(log_q, log_m, axis, _log_half_one_plus_exp(u_q))) / 2
-    return _nan_unless(_valid_probabilities(p, axis) & _valid_probabilities(q, axis), value)
+    return nan_unless(value, probabilities_mask(p, axis), probabilities_mask(q, axis))
 
 
 def jeffreys(p, q, *, axis: int = -1, base: float | None = None) -> jax.Array:
@@ -605,7 +551,7 @@ def _histogram_bins(x: jax.Array, y: jax.Array, bins, range):
         raise ValueError(f"`bins` must be >= 1, got {bins}.")
     if range is None:
         for name, samples in (("x", x), ("y", y)):
-            values = _host_values(samples, None, 0.0)
+            values = host_values(samples)
             if values is not None and np.isinf(values).any():
                 raise ValueError(
                     f"`{name}` has infinite samples; pass `range` (the pooled range would be infinite)."
@@ -733,12 +679,9 @@ def histogram_kl(
             raise ValueError(f"`{name}` must be a 1-D array of samples, got shape {samples.shape}.")
         if samples.shape[0] == 0:
             raise ValueError(f"`{name}` is empty.")
-        values = _host_values(samples, None, 0.0)
-        if values is not None and np.isnan(values).any():
-            raise ValueError(f"`{name}` contains NaN.")
+        check_eagerly(name, samples, not_nan)
     if np.ndim(pseudocount) != 0:
         raise ValueError(f"`pseudocount` must be a scalar, got shape {np.shape(pseudocount)}.")
-    if is_concrete(pseudocount) and not float(pseudocount) >= 0:
-        raise ValueError(f"`pseudocount` must be >= 0, got {float(pseudocount)}.")
+    check_eagerly("pseudocount", pseudocount, nonnegative)
     edges, low, high, num_bins = _histogram_bins(x, y, bins, range)
     return _histogram_kl_core(x, y, edges, low, high, pseudocount, log_base, num_bins=num_bins)

@@ -13,7 +13,9 @@ Parameter conventions:
   its argument to it.
 - Eagerly (concrete parameters) a NaN, an infinity or a non-positive scale/rate/concentration raises a
   ``ValueError`` naming the argument. Under ``jax.jit`` (or ``vmap``/``grad``) nothing is checked and
-  bad parameters give NaN.
+  bad parameters give NaN. Both come from one declaration per class, ``arg_constraints`` (constraints
+  from ``kljax._contract``, as numpyro's ``arg_constraints``); rules across parameters or elements
+  (a Cholesky factor's positive diagonal) go in the ``_extra_valid`` hook.
 - Continuous families sample by reparameterisation, so ``jax.grad`` flows through ``sample``: location
   scale transforms for Normal, the multivariate normals, Laplace and Exponential; implicit
   reparameterisation (Figurnov, Mohamed & Mnih 2018, "Implicit Reparameterization Gradients") through
@@ -21,7 +23,7 @@ Parameter conventions:
 
 The methods are jitted (an eager call compiles each method once per shape and dtype), so they accept
 only pytree arguments: arrays, scalars, and distributions. A subclass that adds parameters must list
-them in ``_parameter_names`` to survive flattening.
+them in ``_parameter_names`` to survive flattening, and their domains in ``arg_constraints``.
 
 Closed-form KL divergences between these distributions live in :mod:`kljax.analytic`.
 """
@@ -38,7 +40,8 @@ import numpy as np
 from jax.scipy.linalg import solve_triangular
 from jax.scipy.special import betaln, digamma, gammaln, xlog1py, xlogy
 
-from kljax._validation import is_concrete
+from kljax import _contract
+from kljax._contract import finite_positive, is_concrete, not_nan, real
 
 __all__ = [
     "Distribution",
@@ -120,25 +123,6 @@ def _broadcast_arrays(*arrays: jax.Array) -> list[jax.Array]:
     return [_broadcast_to(array, shape) for array in arrays]
 
 
-# Eager checks run in NumPy on the host: no XLA compilation for each new parameter shape.
-
-
-def _check_finite(name: str, x: jax.Array) -> None:
-    if not is_concrete(x):
-        return
-    values = np.asarray(x)
-    if np.isnan(values).any():
-        raise ValueError(f"`{name}` contains NaN.")
-    if np.isinf(values).any():
-        raise ValueError(f"`{name}` must be finite, got an infinite entry.")
-
-
-def _check_positive(name: str, x: jax.Array) -> None:
-    _check_finite(name, x)
-    if is_concrete(x) and (np.asarray(x) <= 0).any():
-        raise ValueError(f"`{name}` must be positive, got minimum {np.asarray(x).min()}.")
-
-
 def _method(output_event_ndims=0, static_argnums=()):
     """Jits a method and turns its floating outputs to NaN where the parameters are invalid.
 
@@ -163,11 +147,6 @@ def _method(output_event_ndims=0, static_argnums=()):
         return jax.jit(masked, static_argnums=static_argnums)
 
     return decorate
-
-
-def _positive(x: jax.Array) -> jax.Array:
-    """x > 0 and finite, elementwise (False for NaN)."""
-    return (x > 0) & jnp.isfinite(x)
 
 
 def _sample_shape(shape) -> tuple[int, ...]:
@@ -203,6 +182,11 @@ class Distribution:
     """
 
     _parameter_names: tuple[str, ...] = ()
+    # The elementwise domain of each parameter, declared once: the constructor's eager check and the
+    # traced validity mask (NaN outputs under jit) are both derived from it.
+    arg_constraints: dict[str, _contract.Constraint] = {}
+    # Trailing axes of a parameter that are not batch axes (its mask is reduced over them).
+    _parameter_core_ndims: dict[str, int] = {}
     # Rank of one draw, and the number of trailing axes of the first parameter that are not batch axes.
     _event_ndims: int = 0
     _first_parameter_core_ndims: int = 0
@@ -222,11 +206,32 @@ class Distribution:
             object.__setattr__(instance, name, child)
         return instance
 
+    def _check_arguments(self, named: dict) -> None:
+        """Eagerly checks concrete parameters against ``arg_constraints`` (``ValueError`` naming them)."""
+        for name, value in named.items():
+            if name in self.arg_constraints:
+                _contract.check_eagerly(name, value, self.arg_constraints[name])
+
     def _valid(self) -> jax.Array | None:
         """Boolean array of shape ``batch_shape``: parameters inside the family's domain.
 
-        ``None`` when invalid parameters already propagate NaN by themselves.
+        Derived from ``arg_constraints`` (each parameter's mask reduced over its non-batch axes) and
+        :meth:`_extra_valid`; ``None`` when nothing is declared, as invalid parameters then already
+        propagate NaN by themselves.
         """
+        masks = []
+        for name, constraint in self.arg_constraints.items():
+            value = getattr(self, name)
+            core = self._parameter_core_ndims.get(name, 0)
+            mask = constraint(value)
+            masks.append(jnp.all(mask, axis=tuple(range(-core, 0))) if core else mask)
+        extra = self._extra_valid()
+        if extra is not None:
+            masks.append(extra)
+        return functools.reduce(jnp.logical_and, masks) if masks else None
+
+    def _extra_valid(self) -> jax.Array | None:
+        """Hook for cross-parameter or structural rules ``arg_constraints`` cannot state; shape ``batch_shape``."""
         return None
 
     @property
@@ -297,15 +302,12 @@ class Normal(Distribution):
     """
 
     _parameter_names = ("loc", "scale")
+    arg_constraints = {"loc": real, "scale": finite_positive}
 
     def __init__(self, loc, scale):
         loc, scale = _as_parameters({"loc": loc, "scale": scale})
-        _check_finite("loc", loc)
-        _check_positive("scale", scale)
+        self._check_arguments({"loc": loc, "scale": scale})
         self.loc, self.scale = _broadcast_arrays(loc, scale)
-
-    def _valid(self):
-        return jnp.isfinite(self.loc) & _positive(self.scale)
 
     @_method("event", static_argnums=2)
     def _sample(self, key, shape):
@@ -350,13 +352,14 @@ class MultivariateNormalDiag(Distribution):
     """
 
     _parameter_names = ("loc", "scale_diag")
+    arg_constraints = {"loc": real, "scale_diag": finite_positive}
+    _parameter_core_ndims = {"loc": 1, "scale_diag": 1}
     _event_ndims = 1
     _first_parameter_core_ndims = 1
 
     def __init__(self, loc, scale_diag):
         loc, scale_diag = _as_parameters({"loc": loc, "scale_diag": scale_diag})
-        _check_finite("loc", loc)
-        _check_positive("scale_diag", scale_diag)
+        self._check_arguments({"loc": loc, "scale_diag": scale_diag})
         if loc.ndim < 1 or scale_diag.ndim < 1:
             raise ValueError(
                 f"`loc` and `scale_diag` need an event axis, got shapes {loc.shape} and {scale_diag.shape}."
@@ -367,9 +370,6 @@ class MultivariateNormalDiag(Distribution):
             raise ValueError(
                 f"`loc` {loc.shape} and `scale_diag` {scale_diag.shape} do not broadcast."
             ) from None
-
-    def _valid(self):
-        return jnp.all(jnp.isfinite(self.loc) & _positive(self.scale_diag), axis=-1)
 
     @_method("event", static_argnums=2)
     def _sample(self, key, shape):
@@ -426,6 +426,8 @@ class MultivariateNormalTriL(Distribution):
     """
 
     _parameter_names = ("loc", "scale_tril")
+    arg_constraints = {"loc": real, "scale_tril": real}
+    _parameter_core_ndims = {"loc": 1, "scale_tril": 2}
     _event_ndims = 1
     _first_parameter_core_ndims = 1
 
@@ -442,16 +444,13 @@ class MultivariateNormalTriL(Distribution):
                 f"{scale_tril.shape[-2]}x{scale_tril.shape[-1]} (shapes {loc.shape} and {scale_tril.shape})."
             )
         scale_tril = jnp.tril(scale_tril)
-        _check_finite("loc", loc)
-        _check_finite("scale_tril", scale_tril)
-        if is_concrete(scale_tril):
-            _check_positive("diagonal of scale_tril", np.diagonal(np.asarray(scale_tril), axis1=-2, axis2=-1))
+        self._check_arguments({"loc": loc, "scale_tril": scale_tril})
+        _contract.check_eagerly("diagonal of scale_tril", _diagonal(scale_tril), finite_positive)
         self.loc, self.scale_tril = _broadcast_batch({"loc": loc, "scale_tril": scale_tril}, (1, 2))
 
-    def _valid(self):
-        diagonal = jnp.diagonal(self.scale_tril, axis1=-2, axis2=-1)
-        finite = jnp.all(jnp.isfinite(self.scale_tril), axis=(-2, -1))
-        return jnp.all(jnp.isfinite(self.loc) & _positive(diagonal), axis=-1) & finite
+    def _extra_valid(self):
+        # L is a Cholesky factor: its diagonal must be positive (a cross-element rule).
+        return jnp.all(finite_positive(jnp.diagonal(self.scale_tril, axis1=-2, axis2=-1)), axis=-1)
 
     @_method("event", static_argnums=2)
     def _sample(self, key, shape):
@@ -494,6 +493,13 @@ class MultivariateNormalTriL(Distribution):
         return jnp.matmul(self.scale_tril, jnp.swapaxes(self.scale_tril, -1, -2))
 
 
+def _diagonal(matrix):
+    """The diagonal of a concrete matrix on the host (no XLA compile), or of a traced one."""
+    if is_concrete(matrix):
+        return np.diagonal(np.asarray(matrix), axis1=-2, axis2=-1)
+    return jnp.diagonal(matrix, axis1=-2, axis2=-1)
+
+
 def _mvn_tril_log_prob(x, loc, scale_tril):
     z = solve_triangular(scale_tril, x - loc, lower=True)
     log_det = jnp.sum(jnp.log(jnp.diagonal(scale_tril)))
@@ -528,14 +534,7 @@ class Categorical(Distribution):
         (logits,) = _as_parameters({"logits": logits})
         if logits.ndim < 1:
             raise ValueError(f"`logits` needs a category axis, got shape {logits.shape}.")
-        if is_concrete(logits):
-            values = np.asarray(logits)
-            if np.isnan(values).any():
-                raise ValueError("`logits` contains NaN.")
-            if np.isposinf(values).any():
-                raise ValueError("`logits` contains +inf.")
-            if np.isneginf(values).all(axis=-1).any():
-                raise ValueError("`logits` has a distribution whose logits are all -inf.")
+        _contract.check_logits("logits", logits, axis=-1)
         self.logits = logits
 
     @property
@@ -591,11 +590,12 @@ class Bernoulli(Distribution):
     """
 
     _parameter_names = ("logits",)
+    # +-inf are certain outcomes; NaN would propagate anyway, so it is only refused eagerly.
+    arg_constraints = {"logits": not_nan}
 
     def __init__(self, logits):
         (logits,) = _as_parameters({"logits": logits})
-        if is_concrete(logits) and np.isnan(np.asarray(logits)).any():
-            raise ValueError("`logits` contains NaN.")
+        self._check_arguments({"logits": logits})
         self.logits = logits
 
     @property
@@ -644,14 +644,12 @@ class Poisson(Distribution):
     """
 
     _parameter_names = ("rate",)
+    arg_constraints = {"rate": finite_positive}
 
     def __init__(self, rate):
         (rate,) = _as_parameters({"rate": rate})
-        _check_positive("rate", rate)
+        self._check_arguments({"rate": rate})
         self.rate = rate
-
-    def _valid(self):
-        return _positive(self.rate)
 
     @_method("event", static_argnums=2)
     def _sample(self, key, shape):
@@ -712,15 +710,12 @@ class Gamma(Distribution):
     """
 
     _parameter_names = ("concentration", "rate")
+    arg_constraints = {"concentration": finite_positive, "rate": finite_positive}
 
     def __init__(self, concentration, rate):
         concentration, rate = _as_parameters({"concentration": concentration, "rate": rate})
-        _check_positive("concentration", concentration)
-        _check_positive("rate", rate)
+        self._check_arguments({"concentration": concentration, "rate": rate})
         self.concentration, self.rate = _broadcast_arrays(concentration, rate)
-
-    def _valid(self):
-        return _positive(self.concentration) & _positive(self.rate)
 
     @_method("event", static_argnums=2)
     def _sample(self, key, shape):
@@ -765,15 +760,12 @@ class Beta(Distribution):
     """
 
     _parameter_names = ("alpha", "beta")
+    arg_constraints = {"alpha": finite_positive, "beta": finite_positive}
 
     def __init__(self, alpha, beta):
         alpha, beta = _as_parameters({"alpha": alpha, "beta": beta})
-        _check_positive("alpha", alpha)
-        _check_positive("beta", beta)
+        self._check_arguments({"alpha": alpha, "beta": beta})
         self.alpha, self.beta = _broadcast_arrays(alpha, beta)
-
-    def _valid(self):
-        return _positive(self.alpha) & _positive(self.beta)
 
     @_method("event", static_argnums=2)
     def _sample(self, key, shape):
@@ -823,6 +815,8 @@ class Dirichlet(Distribution):
     """
 
     _parameter_names = ("concentration",)
+    arg_constraints = {"concentration": finite_positive}
+    _parameter_core_ndims = {"concentration": 1}
     _event_ndims = 1
     _first_parameter_core_ndims = 1
 
@@ -832,11 +826,8 @@ class Dirichlet(Distribution):
             raise ValueError(
                 f"`concentration` must have shape batch + (k,) with k >= 2, got {concentration.shape}."
             )
-        _check_positive("concentration", concentration)
+        self._check_arguments({"concentration": concentration})
         self.concentration = concentration
-
-    def _valid(self):
-        return jnp.all(_positive(self.concentration), axis=-1)
 
     @_method("event", static_argnums=2)
     def _sample(self, key, shape):
@@ -889,15 +880,12 @@ class Laplace(Distribution):
     """
 
     _parameter_names = ("loc", "scale")
+    arg_constraints = {"loc": real, "scale": finite_positive}
 
     def __init__(self, loc, scale):
         loc, scale = _as_parameters({"loc": loc, "scale": scale})
-        _check_finite("loc", loc)
-        _check_positive("scale", scale)
+        self._check_arguments({"loc": loc, "scale": scale})
         self.loc, self.scale = _broadcast_arrays(loc, scale)
-
-    def _valid(self):
-        return jnp.isfinite(self.loc) & _positive(self.scale)
 
     @_method("event", static_argnums=2)
     def _sample(self, key, shape):
@@ -936,14 +924,12 @@ class Exponential(Distribution):
     """
 
     _parameter_names = ("rate",)
+    arg_constraints = {"rate": finite_positive}
 
     def __init__(self, rate):
         (rate,) = _as_parameters({"rate": rate})
-        _check_positive("rate", rate)
+        self._check_arguments({"rate": rate})
         self.rate = rate
-
-    def _valid(self):
-        return _positive(self.rate)
 
     @_method("event", static_argnums=2)
     def _sample(self, key, shape):

@@ -49,7 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kljax import discrete, knn
-from kljax._validation import as_float_array, check_no_nan, is_concrete
+from kljax._contract import (as_float_array, check_eagerly, check_int, host_values, is_concrete, nonnegative,
+                             not_nan)
 
 __all__ = [
     "DriftMonitor",
@@ -116,7 +117,7 @@ def bin_edges(reference, bins: int = 10, *, binning: str = "quantile") -> jax.Ar
         raise ValueError(f"`bins` must be a positive int, got {bins!r}.")
     if binning not in _BINNINGS:
         raise ValueError(f"`binning` must be one of {_BINNINGS}, got {binning!r}.")
-    check_no_nan("reference", reference)
+    check_eagerly("reference", reference, not_nan)
     return _bin_edges(reference, int(bins), binning)
 
 
@@ -140,11 +141,10 @@ def _check_edges(edges, num_features: int | None, dtype) -> jax.Array:
         raise ValueError(f"`edges` has {edges.shape[0]} rows but the samples have {num_features} features.")
     if edges.ndim == 1 and num_features not in (None, 1):
         raise ValueError(f"1-D `edges` of shape {edges.shape} can only bin one feature, got {num_features}.")
-    if is_concrete(edges):
-        if bool(jnp.any(jnp.isnan(edges))):
-            raise ValueError("`edges` contains NaN.")
-        if bool(jnp.any(jnp.diff(edges, axis=-1) < 0)):
-            raise ValueError("`edges` must be non-decreasing along the last axis.")
+    check_eagerly("edges", edges, not_nan)
+    values = host_values(edges)  # NumPy: closed-over edges are concrete inside a jit trace too
+    if values is not None and (np.diff(values, axis=-1) < 0).any():
+        raise ValueError("`edges` must be non-decreasing along the last axis.")
     return edges
 
 
@@ -237,7 +237,7 @@ def feature_histogram_kl(x, y, edges, *, pseudocount: float = 0.5) -> jax.Array:
     edges = _check_edges(edges, x.shape[1] if x.ndim == 2 else None, x.dtype)
     if (x.ndim == 2) != (edges.ndim == 2):
         raise ValueError(f"`x` of shape {x.shape} needs `edges` of shape (d, bins + 1), got {edges.shape}.")
-    _check_pseudocount(pseudocount)
+    check_eagerly("pseudocount", pseudocount, nonnegative)
     return _feature_histogram_kl(x, y, edges, jnp.asarray(pseudocount, x.dtype))
 
 
@@ -249,11 +249,6 @@ def _feature_histogram_kl(x, y, edges, pseudocount):
     result = _smoothed_kl(counts_x, counts_y, pseudocount)
     bad = jnp.any(jnp.isnan(x)) | jnp.any(jnp.isnan(y))
     return jnp.where(bad, jnp.nan, result)
-
-
-def _check_pseudocount(pseudocount) -> None:
-    if is_concrete(pseudocount) and not float(pseudocount) >= 0:
-        raise ValueError(f"`pseudocount` must be >= 0, got {pseudocount!r}.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -399,12 +394,6 @@ class _KnnStatistic:
         return knn.kl(x, y, k=self.k, estimator=self.knn_estimator, method=self.method)
 
 
-def _check_int(name: str, value, minimum: int) -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
-    return int(value)
-
-
 def kl_permutation_test(
     key,
     x,
@@ -495,23 +484,23 @@ def kl_permutation_test(
     """
     if not callable(estimator) and estimator not in _ESTIMATORS:
         raise ValueError(f"`estimator` must be one of {_ESTIMATORS} or a callable, got {estimator!r}.")
-    num_permutations = _check_int("num_permutations", num_permutations, 1)
+    num_permutations = check_int("num_permutations", num_permutations, 1)
     chunk_size = _default_chunk_size(estimator, knn_estimator) if chunk_size is None else chunk_size
-    chunk_size = _check_int("chunk_size", chunk_size, 1)
+    chunk_size = check_int("chunk_size", chunk_size, 1)
     x = _as_samples("x", x, min_rows=2)
     y = _as_samples("y", y, min_rows=1)
     if x.ndim != y.ndim or (x.ndim == 2 and x.shape[1] != y.shape[1]):
         raise ValueError(f"`x` and `y` must have the same number of features, got shapes {x.shape} and {y.shape}.")
     y = y.astype(x.dtype)
-    check_no_nan("x", x)
-    check_no_nan("y", y)
+    check_eagerly("x", x, not_nan)
+    check_eagerly("y", y, not_nan)
 
     if estimator == "histogram":
-        _check_pseudocount(pseudocount)
+        check_eagerly("pseudocount", pseudocount, nonnegative)
         if edges is None:
             if binning not in _BINNINGS:
                 raise ValueError(f"`binning` must be one of {_BINNINGS}, got {binning!r}.")
-            _check_int("bins", bins, 1)
+            check_int("bins", bins, 1)
             edges = _bin_edges(jnp.concatenate([x, y], axis=0), int(bins), binning)
         else:
             edges = _check_edges(edges, x.shape[1] if x.ndim == 2 else None, x.dtype)
@@ -521,7 +510,7 @@ def kl_permutation_test(
                                num_permutations=num_permutations, chunk_size=chunk_size)
 
     if estimator == "knn":
-        k = _check_int("k", k, 1)
+        k = check_int("k", k, 1)
         if x.shape[0] <= k or y.shape[0] < k:
             raise ValueError(f"`k`={k} needs more than k rows in `x` and at least k in `y`, "
                              f"got shapes {x.shape} and {y.shape}.")
@@ -608,7 +597,7 @@ def sustained_alarms(significant, consecutive: int) -> jax.Array:
         >>> sustained_alarms(jnp.array([1, 0, 1, 1, 1, 0], bool), 2).tolist()
         [False, False, False, True, True, False]
     """
-    consecutive = _check_int("consecutive", consecutive, 1)
+    consecutive = check_int("consecutive", consecutive, 1)
     return _sustained_alarms(jnp.asarray(significant, bool), consecutive)
 
 
@@ -691,14 +680,14 @@ class DriftMonitor:
             raise ValueError(f"`estimator` must be one of {_ESTIMATORS} or a callable, got {estimator!r}.")
         if not 0 < alpha < 1:
             raise ValueError(f"`alpha` must be in (0, 1), got {alpha!r}.")
-        consecutive = _check_int("consecutive", consecutive, 1)
+        consecutive = check_int("consecutive", consecutive, 1)
         chunk_size = _default_chunk_size(estimator, knn_estimator) if chunk_size is None else chunk_size
-        chunk_size = _check_int("chunk_size", chunk_size, 1)
+        chunk_size = check_int("chunk_size", chunk_size, 1)
         reference = _as_samples("reference", reference, min_rows=2)
-        check_no_nan("reference", reference)
+        check_eagerly("reference", reference, not_nan)
         num_features = 1 if reference.ndim == 1 else reference.shape[1]
         if estimator == "histogram":
-            _check_pseudocount(pseudocount)
+            check_eagerly("pseudocount", pseudocount, nonnegative)
             if edges is None:
                 if reference.shape[0] < 4:
                     raise ValueError("`reference` needs at least 4 rows (half fix the bins, half are tested).")
@@ -711,12 +700,12 @@ class DriftMonitor:
             num_tests = 1  # "knn" is one multivariate test; a callable's output size is checked on first use
         if num_permutations is None:
             num_permutations = max(199, math.ceil(5 * num_tests / alpha) - 1)
-        num_permutations = _check_int("num_permutations", num_permutations, 1)
+        num_permutations = check_int("num_permutations", num_permutations, 1)
         _check_bonferroni_can_fire(num_tests, num_permutations, alpha)
         self.reference = reference
         self.edges = edges
         self.config = _MonitorConfig(estimator, float(alpha), consecutive, num_permutations, chunk_size,
-                                     _check_int("k", k, 1), knn_estimator, knn_method, float(pseudocount))
+                                     check_int("k", k, 1), knn_estimator, knn_method, float(pseudocount))
 
     # The pytree protocol: arrays are leaves, the configuration is static (hashable).
     def tree_flatten(self):
@@ -739,7 +728,7 @@ class DriftMonitor:
         if window.ndim != self.reference.ndim or (window.ndim == 2 and window.shape[1] != self.reference.shape[1]):
             raise ValueError(f"`window` of shape {window.shape} does not match the reference's features "
                              f"(reference shape {self.reference.shape}).")
-        check_no_nan("window", window)
+        check_eagerly("window", window, not_nan)
         return window.astype(self.reference.dtype)
 
     def score(self, key, window) -> WindowScore:

@@ -92,7 +92,7 @@ import numpy as np
 from jax.scipy.special import digamma
 
 from kljax import _knn_search
-from kljax._validation import as_float_array, is_concrete
+from kljax._contract import as_float_array, check_eagerly, check_flag, check_int, is_concrete, real
 
 __all__ = ["ESTIMATORS", "neighbors", "kl", "entropy", "cross_entropy"]
 
@@ -127,26 +127,10 @@ def _pair(name_a: str, a, name_b: str, b) -> tuple[jax.Array, jax.Array]:
     return a.astype(dtype), b.astype(dtype)
 
 
-def _check_finite(name: str, x: jax.Array) -> None:
-    """Eagerly rejects NaN/inf (a no-op under tracing and for arrays spread over processes)."""
-    if is_concrete(x) and getattr(x, "is_fully_addressable", True):
-        if not bool(jnp.all(jnp.isfinite(x))):
-            raise ValueError(f"`{name}` contains NaN or inf; k-NN distances need finite points.")
-
-
 def _check_order(k, *, limit: int, limit_text: str) -> None:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise TypeError(f"`k` must be an int, got {type(k).__name__}.")
-    if k < 1:
-        raise ValueError(f"`k` must be >= 1, got {k}.")
+    check_int("k", k, 1)
     if k > limit:
         raise ValueError(f"`k`={k} is too large: it must be at most {limit_text}.")
-
-
-def _check_flag(name: str, value) -> None:
-    """A flag must be a bool: a string such as ``"no"`` would otherwise count as True."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"`{name}` must be a bool, got {type(value).__name__} {value!r}.")
 
 
 def _check_block_size(block_size) -> None:
@@ -291,7 +275,7 @@ def neighbors(queries, refs, k: int, *, exclude_self: bool = False, block_size: 
         searching", Commun. ACM 18(9) (the k-d tree); SciPy ``scipy.spatial.cKDTree``.
     """
     queries, refs = _pair("queries", queries, "refs", refs)
-    _check_flag("exclude_self", exclude_self)
+    check_flag("exclude_self", exclude_self)
     if exclude_self and queries.shape != refs.shape:
         raise ValueError("`exclude_self=True` means `queries` are `refs` (same points, same order), "
                          f"but their shapes differ: {queries.shape} and {refs.shape}.")
@@ -302,8 +286,8 @@ def neighbors(queries, refs, k: int, *, exclude_self: bool = False, block_size: 
         _check_order(k, limit=m, limit_text=f"m = {m} (the number of refs)")
     _check_block_size(block_size)
     _knn_search.resolve_method(method, refs.shape[-1])
-    _check_finite("queries", queries)
-    _check_finite("refs", refs)
+    check_eagerly("queries", queries, real)
+    check_eagerly("refs", refs, real)
     return _run(_neighbors_core, (queries, refs), k=int(k), exclude_self=bool(exclude_self),
                 block_size=block_size, method=method)
 
@@ -449,8 +433,8 @@ def kl(x, y, *, k: int = 1, estimator: str = "weighted", block_size: int | None 
     _check_block_size(block_size)
     _knn_search.resolve_method(method, x.shape[-1])
     eager = is_concrete(x) and is_concrete(y)
-    _check_finite("x", x)
-    _check_finite("y", y)
+    check_eagerly("x", x, real)
+    check_eagerly("y", y, real)
     value, zero_x, zero_y, not_finite = _run(_kl_core, (x, y), k=int(k), estimator=estimator,
                                             block_size=block_size, method=method)
     return _finish(value, {_DUPLICATES_IN_X.format(x="x", k=k): zero_x,
@@ -514,7 +498,7 @@ def entropy(x, *, k: int = 1, block_size: int | None = None, method: str = "auto
     _check_block_size(block_size)
     _knn_search.resolve_method(method, x.shape[-1])
     eager = is_concrete(x)
-    _check_finite("x", x)
+    check_eagerly("x", x, real)
     value, zero, not_finite = _run(_entropy_core, (x,), k=int(k), block_size=block_size,
                                    method=method)
     return _finish(value, {_DUPLICATES_IN_X.format(x="x", k=k): zero, _NOT_FINITE: not_finite}, eager)
@@ -574,8 +558,8 @@ def cross_entropy(x, y, *, k: int = 1, block_size: int | None = None,
     _check_block_size(block_size)
     _knn_search.resolve_method(method, x.shape[-1])
     eager = is_concrete(x) and is_concrete(y)
-    _check_finite("x", x)
-    _check_finite("y", y)
+    check_eagerly("x", x, real)
+    check_eagerly("y", y, real)
     value, zero, not_finite = _run(_cross_entropy_core, (x, y), k=int(k), block_size=block_size,
                                    method=method)
     return _finish(value, {_DUPLICATES_ACROSS.format(k=k): zero, _NOT_FINITE: not_finite}, eager)

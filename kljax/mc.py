@@ -57,10 +57,9 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kljax._math import exp_minus_one_minus
-from kljax._validation import as_float_array, check_same_shape, is_concrete, normalize_axis
+from kljax._contract import as_float_array, check_eagerly, check_same_shape, normalize_axis, not_nan
 
 __all__ = [
     "ESTIMATORS",
@@ -158,20 +157,13 @@ def _term(estimator: str, terms: dict, function: str) -> Callable[[jax.Array], j
         ) from None
 
 
-def _check_no_nan(name: str, x: jax.Array) -> None:
-    # NumPy, not jnp: a concrete array closed over by a jitted function is still concrete, but jnp
-    # operations on it inside the trace would give tracers that cannot be tested with bool().
-    if is_concrete(x) and np.isnan(np.asarray(x)).any():
-        raise ValueError(f"`{name}` contains NaN.")
-
-
 def _log_ratio(log_p, log_q, name_p: str = "log_p", name_q: str = "log_q") -> jax.Array:
     """Validates the log-densities and returns t = log_q - log_p = log(Q(x) / P(x))."""
     log_p = as_float_array(name_p, log_p)
     log_q = as_float_array(name_q, log_q)
     check_same_shape(name_p, log_p, name_q, log_q)
-    _check_no_nan(name_p, log_p)
-    _check_no_nan(name_q, log_q)
+    check_eagerly(name_p, log_p, not_nan)
+    check_eagerly(name_q, log_q, not_nan)
     return log_q - log_p
 
 

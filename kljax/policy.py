@@ -49,14 +49,13 @@ References:
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from kljax import discrete
-from kljax._validation import as_float_array, check_same_shape, is_concrete, normalize_axis
+from kljax._contract import (as_float_array, at_least, below, check, check_logits, check_same_shape, is_concrete,
+                             nan_unless, nonnegative, normalize_axis, positive)
 
 __all__ = [
     "k1_reward",
@@ -307,25 +306,11 @@ def exact_kl(logits, logits_ref, *, axis=-1):
     logits_ref = as_float_array("logits_ref", logits_ref)
     check_same_shape("logits", logits, "logits_ref", logits_ref)
     axis = normalize_axis("logits", logits, axis)
-    _check_logits("logits", logits, axis)
-    _check_logits("logits_ref", logits_ref, axis)
+    check_logits("logits", logits, axis)
+    check_logits("logits_ref", logits_ref, axis)
     # One home for the kernel: kljax.discrete's (accurate, zero-safe, with the closed-form gradient
     # p (log p - log q - KL) that is exactly 0 at zero probabilities).
     return discrete.kl_logits(logits, _sg(logits_ref.astype(logits.dtype)), axis=axis)
-
-
-def _check_logits(name, x, axis):
-    """Eagerly: no NaN or ``+inf``, and some action above ``-inf`` in every slice along ``axis``."""
-    if not is_concrete(x):
-        return
-    values = np.asarray(x)
-    if np.isnan(values).any():
-        raise ValueError(f"`{name}` contains NaN.")
-    if (values == np.inf).any():
-        raise ValueError(f"`{name}` contains +inf; logits must be finite or -inf.")
-    if not (values > -np.inf).any(axis=axis).all():
-        raise ValueError(f"`{name}` has a slice along axis {axis} whose logits are all -inf "
-                         "(no action is possible).")
 
 
 def _reverse_cumsum(x, axis):
@@ -430,31 +415,10 @@ def sequence_exact_kl(logits, logits_ref, tokens):
     return jnp.sum(kl_per_position + _score_surrogate(log_probs, kl_after), axis=-1)
 
 
-# The controllers' argument constraints, declared once: eagerly (concrete values) a violation raises
+# The controllers' argument constraints (kljax._contract): eagerly (concrete values) a violation raises
 # ValueError naming the argument; under jit it makes the returned coefficient NaN (API.md).
-_POSITIVE = (lambda x: x > 0, "> 0")
-_NONNEGATIVE = (lambda x: x >= 0, ">= 0")
-_AT_LEAST_ONE = (lambda x: x >= 1, ">= 1")
-_BELOW_ONE = (lambda x: x < 1, "< 1 (else the step down, 1 - error_clip * num_steps / horizon, "
-                                "makes beta <= 0)")
-
-
-def _valid(name, x, constraint):
-    """Mask of the entries of ``x`` that meet ``constraint``; raises ValueError if concrete ones fail.
-
-    NaN fails every constraint (the comparisons are False), so it raises or masks like a bad value.
-    """
-    test, requirement = constraint
-    if is_concrete(x):
-        values = np.asarray(x)
-        if not np.all(test(values)):
-            raise ValueError(f"`{name}` must be {requirement}, got {values}.")
-    return test(jnp.asarray(x))
-
-
-def _where_valid(value, masks):
-    """``value`` where every mask holds, NaN elsewhere (the contract for bad traced arguments)."""
-    return jnp.where(functools.reduce(jnp.logical_and, masks), value, jnp.nan)
+_AT_LEAST_ONE = at_least(1)
+_BELOW_ONE = below(1, "else the step down, 1 - error_clip * num_steps / horizon, makes beta <= 0")
 
 
 def adaptive_kl_coefficient(beta, kl, target, *, tolerance=1.5, factor=2.0):
@@ -488,13 +452,13 @@ def adaptive_kl_coefficient(beta, kl, target, *, tolerance=1.5, factor=2.0):
         J. Schulman et al., "Proximal Policy Optimization Algorithms", arXiv:1707.06347, 2017,
         Section 4 (eq. 8 and the update rule after it).
     """
-    masks = [_valid("beta", beta, _POSITIVE), _valid("target", target, _POSITIVE),
-             _valid("tolerance", tolerance, _AT_LEAST_ONE), _valid("factor", factor, _AT_LEAST_ONE)]
+    masks = [check("beta", beta, positive), check("target", target, positive),
+             check("tolerance", tolerance, _AT_LEAST_ONE), check("factor", factor, _AT_LEAST_ONE)]
     beta = jnp.asarray(beta)
     kl = jnp.asarray(kl)
     new_beta = jnp.where(kl < target / tolerance, beta / factor,
                          jnp.where(kl > target * tolerance, beta * factor, beta))
-    return _where_valid(jnp.where(jnp.isnan(kl), jnp.nan, new_beta), masks)
+    return nan_unless(jnp.where(jnp.isnan(kl), jnp.nan, new_beta), *masks)
 
 
 def proportional_kl_coefficient(beta, kl, target, num_steps, horizon, *, error_clip=0.2):
@@ -527,11 +491,11 @@ def proportional_kl_coefficient(beta, kl, target, num_steps, horizon, *, error_c
         D. M. Ziegler et al., "Fine-Tuning Language Models from Human Preferences", arXiv:1909.08593,
         2019, Section 2.2.
     """
-    masks = [_valid("beta", beta, _POSITIVE), _valid("target", target, _POSITIVE),
-             _valid("num_steps", num_steps, _NONNEGATIVE), _valid("horizon", horizon, _POSITIVE),
-             _valid("error_clip", error_clip, _NONNEGATIVE)]
+    masks = [check("beta", beta, positive), check("target", target, positive),
+             check("num_steps", num_steps, nonnegative), check("horizon", horizon, positive),
+             check("error_clip", error_clip, nonnegative)]
     gain = jnp.asarray(num_steps) / horizon
     # The largest downward step must leave beta positive: 1 - error_clip * gain > 0.
-    masks.append(_valid("error_clip * num_steps / horizon", error_clip * gain, _BELOW_ONE))
+    masks.append(check("error_clip * num_steps / horizon", error_clip * gain, _BELOW_ONE))
     error = jnp.clip(jnp.asarray(kl) / target - 1.0, -error_clip, error_clip)
-    return _where_valid(jnp.asarray(beta) * (1.0 + error * gain), masks)
+    return nan_unless(jnp.asarray(beta) * (1.0 + error * gain), *masks)
