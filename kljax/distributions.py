@@ -13,7 +13,8 @@ Parameter conventions:
   its argument to it.
 - Eagerly (concrete parameters) a NaN, an infinity or a non-positive scale/rate/concentration raises a
   ``ValueError`` naming the argument. Under ``jax.jit`` (or ``vmap``/``grad``) nothing is checked and
-  bad parameters give NaN. Both come from one declaration per class, ``arg_constraints`` (constraints
+  bad parameters give NaN; an integer sample, which cannot be NaN, is -1 there instead (never a valid
+  category, outcome or count). Both come from one declaration per class, ``arg_constraints`` (constraints
   from ``kljax._contract``, as numpyro's ``arg_constraints``); rules across parameters or elements
   (a Cholesky factor's positive diagonal) go in the ``_extra_valid`` hook.
 - Continuous families sample by reparameterisation, so ``jax.grad`` flows through ``sample``: location
@@ -138,11 +139,13 @@ def _method(output_event_ndims=0, static_argnums=()):
         def masked(self, *args):
             value = function(self, *args)
             valid = self._valid()
-            if valid is None or not jnp.issubdtype(value.dtype, jnp.floating):
+            if valid is None:
                 return value
             core = self._event_ndims if output_event_ndims == "event" else output_event_ndims
             valid = jnp.reshape(valid, valid.shape + (1,) * core)
-            return jnp.where(jnp.broadcast_to(valid, value.shape), value, jnp.nan)
+            # An integer sample cannot be NaN: -1, never a valid category or count, marks it instead.
+            bad = jnp.nan if jnp.issubdtype(value.dtype, jnp.floating) else -1
+            return jnp.where(jnp.broadcast_to(valid, value.shape), value, jnp.asarray(bad, value.dtype))
 
         return jax.jit(masked, static_argnums=static_argnums)
 
@@ -536,6 +539,11 @@ class Categorical(Distribution):
             raise ValueError(f"`logits` needs a category axis, got shape {logits.shape}.")
         _contract.check_logits("logits", logits, axis=-1)
         self.logits = logits
+
+    def _extra_valid(self):
+        # check_logits' rule, traced: no NaN or +inf, and some category with probability > 0
+        return (jnp.all((self.logits == self.logits) & (self.logits < jnp.inf), axis=-1)
+                & jnp.any(self.logits > -jnp.inf, axis=-1))
 
     @property
     def num_categories(self) -> int:

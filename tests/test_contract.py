@@ -5,7 +5,8 @@ For every row and for float32 and float64:
 1. ``jax.jit`` gives the eager value (rtol 1e-6 in float32, 1e-12 in float64);
 2. ``jax.vmap`` over a leading batch axis gives a Python loop of eager calls;
 3. the output dtype follows the input (or is the row's fixed integer/bool dtype);
-4. every declared bad value gives NaN under jit (never a finite number; +inf only where declared);
+4. every declared bad value gives NaN under jit (never a finite number; +inf only where declared; an
+   output with only integer parts, such as a sample of counts, gives -1 instead);
 5. the same bad value raises ``ValueError``/``TypeError`` eagerly, naming the argument in backticks;
 6. a second call with the same shapes does not retrace (``chex.assert_max_traces``);
 
@@ -203,14 +204,20 @@ def test_bad_value_gives_nan_under_jit(row_id, index, dtype):
     corruption = row.corruptions[index]
     inputs, mask = corruption.apply(_inputs(row_id, dtype, 0))
     result = _jitted(row_id, dtype)(*_arrays(inputs))
-    float_leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(result) if _is_float(leaf)]
-    assert float_leaves, "the output has no floating part that could carry NaN"
-    for leaf in float_leaves:
+    leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(result)]
+    float_leaves = [leaf for leaf in leaves if _is_float(leaf)]
+    # An output with no floating part (integer samples, bin indices) marks a bad value with -1.
+    checked = float_leaves or [leaf for leaf in leaves if jnp.issubdtype(leaf.dtype, jnp.signedinteger)]
+    assert checked, "the output has no floating or signed integer part that could mark a bad value"
+    for leaf in checked:
         if corruption.nan_in is not None:
             leaf = corruption.nan_in(leaf)
         elif row.elementwise and mask is not None:
             assert leaf.shape == mask.shape
             leaf = leaf[mask]
+        if not float_leaves:
+            assert (leaf == -1).all(), f"{corruption.id} under jit gave {leaf}, expected -1 (integer output)"
+            continue
         bad = ~np.isnan(leaf)
         if corruption.allow_inf:
             bad &= ~np.isposinf(leaf)
@@ -252,8 +259,8 @@ def test_shape_problem_raises_eagerly_and_at_trace_time(row_id, index):
 # The table itself, and names API.md promises
 
 
-_MODULES = {"discrete": discrete, "analytic": analytic, "distributions": distributions, "mc": mc,
-            "knn": knn, "policy": policy, "drift": drift}
+# Every module `import kljax` gives (new modules join the check by joining kljax.__all__).
+_MODULES = {name: getattr(kljax, name) for name in kljax.__all__}
 
 
 def test_every_public_function_has_a_row():
