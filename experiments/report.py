@@ -2,6 +2,7 @@
 
     python -m experiments.report --quick --out results
     python -m experiments.report --quick --out results --only mc_estimators,policy_bandit
+    python -m experiments.report --quick --out results --jobs 1    # one experiment at a time
 
 An experiment takes part when its module defines ``TITLE``, ``ORDER``, ``main`` and ``report``
 (see ``experiments/_common.py``). A failing experiment is reported in its section and makes the
@@ -11,8 +12,11 @@ command exit non-zero after the others have run.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
 import importlib
+import multiprocessing
+import os
 import pathlib
 import pkgutil
 import platform
@@ -35,12 +39,31 @@ def discover() -> list:
     return sorted(found, key=lambda m: (m.ORDER, m.__name__))
 
 
+def _run_one(name: str, quick: bool, out: str) -> tuple[str, str, float]:
+    """Runs one experiment and renders its section: (status, markdown body, seconds)."""
+    module = importlib.import_module(f"experiments.{name}")
+    print(f"[report] running {name} ({'quick' if quick else 'full'})", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    try:
+        metrics = module.main((["--quick"] if quick else []) + ["--out", str(pathlib.Path(out) / name)])
+        body = module.report(metrics, pathlib.Path(name))
+        status = "ok"
+    except Exception:  # noqa: BLE001 - the report must say what failed and go on
+        body = "**This experiment failed:**\n\n```\n" + traceback.format_exc() + "```\n"
+        status = "FAILED"
+    seconds = time.perf_counter() - start
+    print(f"[report] {name}: {status} in {seconds:.1f} s", file=sys.stderr, flush=True)
+    return status, body, seconds
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="run each experiment at its quick scale")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results"))
     parser.add_argument("--only", default="", help="comma-separated experiment names to run")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="experiments run at once, each in its own process (default: min(2, cores))")
     args = parser.parse_args(argv)
 
     import jax
@@ -55,26 +78,26 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     scale = "quick" if args.quick else "full"
+    names = [module.__name__.split(".")[-1] for module in modules]
+    jobs = max(1, min(args.jobs, len(names)))
+    print(f"[report] running {len(names)} experiments ({scale}) in {jobs} process(es)", file=sys.stderr, flush=True)
+    if jobs == 1:
+        outcomes = [_run_one(name, args.quick, str(args.out)) for name in names]
+    else:
+        # Separate processes ("spawn": JAX must not be forked), results in the report's order. The
+        # experiments are mostly dispatch-bound, so two processes on two cores finish sooner than one.
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+            outcomes = list(pool.map(_run_one, names, [args.quick] * len(names), [str(args.out)] * len(names)))
     sections, summary_rows, failures = [], [], []
-    for module in modules:
-        name = module.__name__.split(".")[-1]
+    for module, name, (status, body, seconds) in zip(modules, names, outcomes):
         out_dir = args.out / name
-        print(f"[report] running {name} ({scale})", file=sys.stderr, flush=True)
-        start = time.perf_counter()
-        try:
-            metrics = module.main((["--quick"] if args.quick else []) + ["--out", str(out_dir)])
-            body = module.report(metrics, pathlib.Path(name))
-            status = "ok"
-        except Exception:  # noqa: BLE001 - the report must say what failed and go on
-            body = "**This experiment failed:**\n\n```\n" + traceback.format_exc() + "```\n"
-            status = "FAILED"
+        if status != "ok":
             failures.append(name)
-        seconds = time.perf_counter() - start
         summary_rows.append(f"| [{module.TITLE}](#{name}) | `{name}` | {status} | {seconds:.1f} |")
         sections.append(f'<a id="{name}"></a>\n## {module.TITLE}\n\n'
                         f"`python -m experiments.{name} {'--quick ' if args.quick else ''}--out {out_dir}`"
                         f" ({seconds:.1f} s)\n\n{body.strip()}\n")
-        print(f"[report] {name}: {status} in {seconds:.1f} s", file=sys.stderr, flush=True)
 
     header = (
         "# kljax experiment report\n\n"

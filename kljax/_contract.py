@@ -179,12 +179,21 @@ def check_eagerly(name: str, x, constraint: Constraint) -> None:
         raise ValueError(constraint.message(name, values))
 
 
-def nan_unless(value: jax.Array, *masks: jax.Array) -> jax.Array:
-    """``value`` where every mask holds, NaN elsewhere (API.md: a bad traced value gives NaN)."""
+def nan_unless(value: jax.Array, *masks: jax.Array, event_ndims: int = 0) -> jax.Array:
+    """``value`` where every mask holds, NaN elsewhere (API.md: a bad traced value gives NaN).
+
+    An integer ``value`` (a sample of counts or categories, a bin index) cannot be NaN: it gets -1,
+    which kljax never returns as a valid integer result. ``event_ndims`` trailing axes of ``value``
+    have no counterpart in the masks (e.g. a sample's event axis against a per-distribution mask).
+    """
+    masks = [mask for mask in masks if mask is not None]
     if not masks:
         return value
+    # explicit broadcasting (the package runs with jax_numpy_rank_promotion="raise")
+    masks = [jnp.broadcast_to(jnp.reshape(mask, mask.shape + (1,) * event_ndims), value.shape) for mask in masks]
     valid = functools.reduce(jnp.logical_and, masks)
-    return jnp.where(valid, value, jnp.full_like(value, jnp.nan))
+    bad = jnp.nan if jnp.issubdtype(value.dtype, jnp.inexact) else -1
+    return jnp.where(valid, value, jnp.asarray(bad, value.dtype))
 
 
 def check_probabilities(name: str, x, axis: int, mask=None) -> None:

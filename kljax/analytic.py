@@ -55,6 +55,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
+from kljax import _contract
 from kljax._math import exp_minus_one_minus, kl_from_log_weights, log_ratio
 from kljax.distributions import (
     Bernoulli,
@@ -199,12 +200,7 @@ def _builtin(function: KLFunction) -> KLFunction:
 
     @functools.wraps(function)
     def masked(p, q):
-        value = function(p, q)
-        for distribution in (p, q):
-            valid = distribution._valid()
-            if valid is not None:
-                value = jnp.where(jnp.broadcast_to(valid, value.shape), value, jnp.nan)
-        return value
+        return _contract.nan_unless(function(p, q), p._valid(), q._valid())
 
     return jax.jit(masked)
 

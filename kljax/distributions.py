@@ -137,15 +137,9 @@ def _method(output_event_ndims=0, static_argnums=()):
     def decorate(function):
         @functools.wraps(function)
         def masked(self, *args):
-            value = function(self, *args)
-            valid = self._valid()
-            if valid is None:
-                return value
             core = self._event_ndims if output_event_ndims == "event" else output_event_ndims
-            valid = jnp.reshape(valid, valid.shape + (1,) * core)
-            # An integer sample cannot be NaN: -1, never a valid category or count, marks it instead.
-            bad = jnp.nan if jnp.issubdtype(value.dtype, jnp.floating) else -1
-            return jnp.where(jnp.broadcast_to(valid, value.shape), value, jnp.asarray(bad, value.dtype))
+            # An integer sample cannot be NaN: nan_unless marks it -1, never a valid category or count.
+            return _contract.nan_unless(function(self, *args), self._valid(), event_ndims=core)
 
         return jax.jit(masked, static_argnums=static_argnums)
 
