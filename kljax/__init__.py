@@ -8,6 +8,7 @@ Modules (see their docstrings):
     kljax.knn            k-nearest-neighbour search and estimators for continuous samples
     kljax.policy         KL penalties for policy optimisation
     kljax.drift          two-sample drift statistics
+    kljax.plot           standard figures (matplotlib, imported when a figure is drawn)
 
 Conventions: P first, Q second, nats, zero-safe (0 * log(0 / q) = 0).
 """
@@ -18,8 +19,9 @@ from kljax import distributions as distributions
 from kljax import drift as drift
 from kljax import knn as knn
 from kljax import mc as mc
+from kljax import plot as plot
 from kljax import policy as policy
 
 __version__ = "0.1.0"
 
-__all__ = ["analytic", "discrete", "distributions", "drift", "knn", "mc", "policy"]
+__all__ = ["analytic", "discrete", "distributions", "drift", "knn", "mc", "plot", "policy"]

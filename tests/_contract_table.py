@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kljax import analytic, discrete, drift, knn, mc, policy
+from kljax import analytic, discrete, drift, knn, mc, plot, policy
 from kljax import distributions as dist
 
 KEY = jax.random.key(0)  # the PRNG key of every sampling row (closed over, not an input)
@@ -585,4 +585,5 @@ NOT_ESTIMATORS = {
     "drift.DriftMonitor": "a class: its `score` has rows; `update`/`run` are loops over `score`",
     "drift.MonitorState": "a NamedTuple",
     "drift.WindowScore": "a NamedTuple",
+    **{f"plot.{name}": "draws a figure or summarises repeats with NumPy (tests/test_plot.py)" for name in plot.__all__},
 }
