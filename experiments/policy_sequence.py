@@ -61,6 +61,12 @@ PLACEMENTS = {
 }
 NAMES = tuple(PLACEMENTS)
 
+# Where practice puts the KL (the rows the grid names): PPO-RLHF (Ouyang et al. 2022; TRL's PPO trainer)
+# adds a per-token k1 penalty to the per-token reward and, with gamma = lambda = 1, each token's return
+# carries the penalties of the tokens after it: the reward-to-go placement. GRPO (Shao et al. 2024,
+# DeepSeekMath; TRL's GRPO trainer) adds the per-token k3 estimate, with r = pi_ref / pi, to the loss.
+PRACTICE = {"k1_reward_to_go": "PPO-RLHF", "token_k3_loss": "GRPO"}
+
 
 class Model:
     """Tabular autoregressive policies over V tokens and length T, with exact enumeration.
@@ -177,6 +183,55 @@ def exact_objective(model, table, log_ref_seq, rewards, beta):
     return expected_reward - beta * kl, expected_reward, kl
 
 
+def fixed_point_grid(vocab_size, lengths, betas, *, ref_scale, seed, num_steps, learning_rate):
+    """Each placement's fixed point for every (length, beta): the objective gap J* - J and the KL there.
+
+    The fixed point is reached by Adam on the exact expected gradient (enumeration), as in the main
+    run; one program per length (beta is an argument, so every beta reuses it).
+
+    Returns:
+      dict with "gap" and "kl" arrays of shape (len(lengths), len(betas), len(NAMES)), and the
+      optimum's "optimum_kl" of shape (len(lengths), len(betas)).
+    """
+    gap = np.empty((len(lengths), len(betas), len(NAMES)))
+    kl = np.empty_like(gap)
+    optimum_kl = np.empty((len(lengths), len(betas)))
+    optimizer = optax.adam(optax.cosine_decay_schedule(learning_rate, num_steps, 0.01))
+    for i, length in enumerate(lengths):
+        model = Model(vocab_size, length)
+        rng = np.random.default_rng(seed)
+        table_ref = jnp.asarray(rng.normal(size=(model.num_prefixes, vocab_size)) * ref_scale, dtype=jnp.float32)
+        rewards = counting_up_reward(model.sequences, vocab_size)
+        log_ref_seq = model.sequence_log_probs(table_ref)
+
+        @jax.jit
+        def fixed_points(beta, model=model, table_ref=table_ref, rewards=rewards, log_ref_seq=log_ref_seq):
+            def expected_grad(table, placement):
+                probs = jnp.exp(jax.lax.stop_gradient(model.sequence_log_probs(table)))
+                return jax.grad(batch_loss, argnums=1)(model, table, table_ref, model.sequences,
+                                                       rewards - probs @ rewards, probs, placement, beta)
+
+            def step(carry, _):
+                tables, state = carry
+                grads = jax.lax.map(lambda a: expected_grad(*a), (tables, jnp.arange(len(NAMES))))
+                updates, state = optimizer.update(grads, state, tables)
+                return (optax.apply_updates(tables, updates), state), None
+
+            start = jnp.broadcast_to(table_ref, (len(NAMES),) + table_ref.shape)
+            tables = jax.lax.scan(step, (start, optimizer.init(start)), None, length=num_steps)[0][0]
+            return jax.vmap(lambda tb: jnp.stack(exact_objective(model, tb, log_ref_seq, rewards, beta)))(tables)
+
+        for j, beta in enumerate(betas):
+            log_w = np.asarray(log_ref_seq, float) + np.asarray(rewards, float) / beta
+            log_z = np.logaddexp.reduce(log_w)
+            optimum_probs = np.exp(log_w - log_z)
+            optimum_kl[i, j] = float(np.sum(optimum_probs * (log_w - log_z - np.asarray(log_ref_seq, float))))
+            result = np.asarray(fixed_points(jnp.float32(beta)), float)  # (P, 3): J, E[R], KL
+            gap[i, j] = beta * log_z - result[:, 0]
+            kl[i, j] = result[:, 2]
+    return {"gap": gap, "kl": kl, "optimum_kl": optimum_kl}
+
+
 def gradient_statistics(model, table, table_ref):
     """Per placement: bias of E[grad] against the true grad KL, and tr Cov(grad) per sampled sequence."""
     log_ref_seq = model.sequence_log_probs(table_ref)
@@ -224,7 +279,19 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=32, help="sampled sequences per step")
     p.add_argument("--learning-rate", type=float, default=0.05, help="Adam step size (cosine-decayed)")
     p.add_argument("--num-records", type=int, default=40)
+    p.add_argument("--grid-lengths", type=str, default=None,
+                   help="lengths T of the fixed-point grid, comma-separated (default 2,3,4,5,6; quick 2,3,4)")
+    p.add_argument("--grid-betas", type=str, default=None,
+                   help="betas of the fixed-point grid (default 0.01,0.03,0.1,0.3,1; quick 0.03,0.1,0.3,1)")
+    p.add_argument("--grid-steps", type=int, default=None, help="Adam steps per grid fixed point (default "
+                   "2000; quick 600)")
     args = p.parse_args(argv)
+    grid_lengths = [int(v) for v in (args.grid_lengths or ("2,3,4" if args.quick else "2,3,4,5,6")).split(",")]
+    grid_betas = [float(v) for v in (args.grid_betas or ("0.03,0.1,0.3,1" if args.quick
+                                                         else "0.01,0.03,0.1,0.3,1")).split(",")]
+    grid_steps = args.grid_steps or (600 if args.quick else 2000)
+    if max(args.vocab_size ** length for length in grid_lengths) > 50_000:
+        p.error("V**T must stay enumerable (<= 50000 sequences) in the grid too")
     num_seeds = args.num_seeds or (4 if args.quick else 16)
     num_steps = args.num_steps or (800 if args.quick else 3000)
     if args.vocab_size ** args.length > 50_000:
@@ -324,7 +391,13 @@ def main(argv=None) -> dict:
                                                - curves[:, int(0.8 * records) - 1, i, 0].mean())),
         }
 
+    with Timer() as grid_timer:
+        grid = fixed_point_grid(args.vocab_size, grid_lengths, grid_betas, ref_scale=args.ref_scale,
+                                seed=args.seed, num_steps=grid_steps, learning_rate=args.learning_rate)
+
     metrics = {
+        "grid": {"lengths": grid_lengths, "betas": grid_betas, "num_steps": grid_steps, "placements": list(NAMES),
+                 "practice": PRACTICE, **grid},
         "config": {"vocab_size": args.vocab_size, "length": args.length, "beta": beta,
                    "num_sequences": int(args.vocab_size ** args.length), "num_prefixes": model.num_prefixes,
                    "ref_scale": args.ref_scale, "num_seeds": num_seeds, "num_steps": num_steps,
@@ -336,13 +409,15 @@ def main(argv=None) -> dict:
                       "kl": 0.0},
         "true_kl_grad_norm_at_optimum": true_grad_norm,
         "placements": placements,
-        "seconds": {"gradient_statistics": grad_timer.seconds, "training": train_timer.seconds},
+        "seconds": {"gradient_statistics": grad_timer.seconds, "training": train_timer.seconds,
+                    "grid": grid_timer.seconds},
     }
     save_metrics(args.out, metrics)
     steps = (np.arange(records) + 1) * steps_per_record
     _plot_gradients(args.out, metrics)
     _plot_curves(args.out, steps, curves, all_curves[0], metrics)
     _plot_frontier(args.out, metrics, np.asarray(log_ref_seq, float), np.asarray(rewards, float))
+    _plot_grid(args.out, metrics)
     return metrics
 
 
@@ -461,6 +536,76 @@ def _plot_frontier(out_dir, metrics, log_ref_seq, rewards):
     save_figure(fig, out_dir, "fixed_points")
 
 
+def _label(name):
+    return f"{name} ({PRACTICE[name]})" if name in PRACTICE else name
+
+
+def _plot_grid(out_dir, metrics):
+    import matplotlib.pyplot as plt
+
+    grid = metrics["grid"]
+    gap, _ = _excess_gap(metrics)
+    betas, lengths = grid["betas"], grid["lengths"]
+    shown = [n for n in NAMES if PLACEMENTS[n][0] != "correct" and n != "token_k1_loss"] + ["k1_reward_to_go"]
+    fig, axes = plt.subplots(1, len(shown), figsize=(3.1 * len(shown), 3.4), sharey=True, squeeze=False)
+    floor = 1e-6
+    for ax, name in zip(axes[0], shown):
+        i = NAMES.index(name)
+        for color, (t, length) in zip(plt.cm.viridis(np.linspace(0, 0.85, len(lengths))), enumerate(lengths)):
+            ax.plot(betas, np.maximum(gap[t, :, i], floor), marker="o", color=color, label=f"T = {length}")
+        ax.set(xscale="log", yscale="log", xlabel="beta", title=_label(name))
+        ax.title.set_fontsize(8)
+        ax.title.set_color(KIND_COLOR[PLACEMENTS[name][0]])
+    axes[0][0].set_ylabel(f"excess gap over the sequence-level fixed point (floor {floor:g})")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Fixed points of the per-token placements over a beta x length grid (exact expected gradients)",
+                 fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, out_dir, "placement_grid")
+
+
+def _excess_gap(metrics):
+    """Gap J* - J at each fixed point minus the smallest gap of the sequence-level placements in the same
+    cell: the same optimiser budget leaves them all some optimisation error, which this removes."""
+    gap = np.asarray(metrics["grid"]["gap"], float)
+    correct = [i for i, n in enumerate(NAMES) if PLACEMENTS[n][0] == "correct"]
+    return gap - gap[:, :, correct].min(axis=2, keepdims=True), gap[:, :, correct].max()
+
+
+def _grid_reading(metrics) -> str:
+    grid = metrics["grid"]
+    excess, floor = _excess_gap(metrics)
+    kl, optimum_kl = np.asarray(grid["kl"], float), np.asarray(grid["optimum_kl"], float)
+    betas, lengths = grid["betas"], grid["lengths"]
+    header = ["placement", "kind"] + [f"T={t}, β={b:g}" for t in (lengths[0], lengths[-1]) for b in betas]
+    rows = [[_label(name), PLACEMENTS[name][0]]
+            + [excess[t, j, i] for t in (0, len(lengths) - 1) for j in range(len(betas))]
+            for i, name in enumerate(NAMES)]
+    table = markdown_table(header, rows, float_format="{:.3g}")
+    correct = [i for i, n in enumerate(NAMES) if PLACEMENTS[n][0] == "correct"]
+    partial = [i for i, n in enumerate(NAMES) if PLACEMENTS[n][0] == "partial"]
+    grpo = NAMES.index("token_k3_loss")
+    worst_partial = excess[:, :, partial].max(axis=2)  # (T, beta)
+    t_worst, b_worst = np.unravel_index(np.argmax(worst_partial), worst_partial.shape)
+    by_length = ", ".join(f"{worst_partial[t].max():.3g} (T = {length})" for t, length in enumerate(lengths))
+    return (
+        f"Objective gap J* - J at each placement's fixed point ({grid['num_steps']} Adam steps on the exact "
+        f"expected gradient per cell), minus the smallest gap of the sequence-level placements in the same "
+        f"cell (their remaining optimisation error, at most {floor:.2g} here), for T in {lengths} and beta in "
+        f"{betas}; the table shows the shortest and the longest T (every cell is in `metrics.json` and the "
+        f"figure):\n\n{table}\n\n"
+        f"Reading: the sequence-level placements, PPO-RLHF's reward-to-go among them, agree to "
+        f"{excess[:, :, correct].max():.2g} in every cell: one fixed point, pi* (the gap to J* they share is the "
+        f"optimiser's, at most {floor:.2g}). The per-token "
+        f"placements converge elsewhere: their largest excess gap is {worst_partial.max():.3g} at "
+        f"T = {lengths[t_worst]}, beta = {betas[b_worst]:g}; by length (largest over beta): {by_length}. "
+        f"GRPO's per-token k3 loss follows a partial gradient of the other KL, KL(pi_ref || pi): excess gaps "
+        f"from {excess[:, :, grpo].min():.3g} to {excess[:, :, grpo].max():.3g}, and at T = {lengths[-1]}, "
+        f"beta = {betas[0]:g} its fixed point has KL(pi || pi_ref) = {kl[-1, 0, grpo]:.3g} against the "
+        f"optimum's {optimum_kl[-1, 0]:.3g}."
+    )
+
+
 def report(metrics: dict, rel_dir) -> str:
     cfg, opt, pl = metrics["config"], metrics["optimum"], metrics["placements"]
     rows = [[n, m["kind"], m["relative_bias"], m["variance"], m["fixed_point_objective"], m["fixed_point_kl"],
@@ -493,7 +638,10 @@ def report(metrics: dict, rel_dir) -> str:
         "runs show the same ordering, with noise.\n\n"
         f"![gradient bias and variance]({rel_dir}/gradient_bias_variance.png)\n\n"
         f"![learning curves]({rel_dir}/learning_curves.png)\n\n"
-        f"![fixed points]({rel_dir}/fixed_points.png)\n"
+        f"![fixed points]({rel_dir}/fixed_points.png)\n\n"
+        "### Which placements break where: a beta x length grid\n\n"
+        + _grid_reading(metrics) + "\n\n"
+        f"![placement grid]({rel_dir}/placement_grid.png)\n"
     )
 
 

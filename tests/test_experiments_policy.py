@@ -94,7 +94,8 @@ def _brute_force_sequence_optimum(vocab_size, length, beta, seed, ref_scale=1.0)
 def sequence(tmp_path_factory):
     out = tmp_path_factory.mktemp("policy_sequence")
     metrics = policy_sequence.main(["--vocab-size", "3", "--length", "4", "--num-steps", "300", "--num-seeds", "2",
-                                    "--num-records", "5", "--out", str(out), "--no-progress"])
+                                    "--num-records", "5", "--out", str(out), "--no-progress",
+                                    "--grid-lengths", "2,3", "--grid-betas", "0.1,1", "--grid-steps", "300"])
     return metrics, out
 
 
@@ -114,9 +115,27 @@ def test_sequence_experiment_exact_answers(sequence):
     assert pl["token_k1_loss"]["relative_bias"] == pytest.approx(1.0, abs=1e-4)  # E[grad] = 0 exactly
     # Rao-Blackwellisation lowers the variance of the correct gradient
     assert pl["rb_exact_kl"]["variance"] < pl["seq_k1_reward"]["variance"]
-    for name in ("gradient_bias_variance", "learning_curves", "fixed_points"):
+    for name in ("gradient_bias_variance", "learning_curves", "fixed_points", "placement_grid"):
         assert (out / f"{name}.png").is_file()
     assert "policy_sequence/learning_curves.png" in policy_sequence.report(metrics, "policy_sequence")
+
+
+def test_sequence_grid_separates_sequence_and_per_token_fixed_points(sequence):
+    metrics, _ = sequence
+    grid = metrics["grid"]
+    gap = np.asarray(grid["gap"])
+    assert gap.shape == (2, 2, len(policy_sequence.NAMES))
+    kinds = [policy_sequence.PLACEMENTS[n][0] for n in policy_sequence.NAMES]
+    correct = gap[:, :, [k == "correct" for k in kinds]]
+    partial = gap[:, :, [k == "partial" for k in kinds]]
+    # the sequence-level placements share one fixed point in every cell; the per-token ones miss it
+    assert np.ptp(correct, axis=2).max() < 1e-5
+    assert (partial.min(axis=2) > correct.max(axis=2) + 2e-5).all()
+    # the grid names the placements practice uses, and the optimum's KL matches enumeration
+    assert grid["practice"] == {"k1_reward_to_go": "PPO-RLHF", "token_k3_loss": "GRPO"}
+    assert np.all(np.asarray(grid["optimum_kl"]) > 0)
+    text = policy_sequence.report(metrics, "policy_sequence")
+    assert "k1_reward_to_go (PPO-RLHF)" in text and "token_k3_loss (GRPO)" in text
 
 
 # --- PPO on CartPole ----------------------------------------------------------------------------------
