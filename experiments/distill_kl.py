@@ -1,57 +1,84 @@
-"""Distillation with forward vs reverse KL at several temperatures, on scikit-learn's bundled digits.
+"""Distillation on a held-out transfer set: labels, Hinton's mixed loss, forward and reverse KL, on digits.
 
     python -m experiments.distill_kl [--quick] [--out results/distill_kl]
-    python -m experiments.distill_kl --temperatures 1,4 --seeds 2 --student-hidden 8
+    python -m experiments.distill_kl --temperatures 1,4 --student-widths 8 --seeds 3 --steps 500
 
-A teacher MLP (64-256-256-10) is trained on the digits training split with labels. A much smaller
-student (64-``--student-hidden``-10) is then trained on the same training inputs without labels, on
+The digits are split per class into three disjoint parts: the teacher's training set (40%), the transfer
+set (30%) and the test set (30%). A teacher MLP 64-256-256-10 (equinox, full-batch Adam) is trained on its
+part only, so its outputs on the transfer set are predictions on images it never saw, not memorised
+labels; the report gives its mean max-probability on both sets. Students 64-``width``-10 are trained on
+the transfer set with
 
-    forward:  T^2 * mean_x KL(softmax(t(x) / T) || softmax(s(x) / T))   (mass-covering, the usual KD loss)
-    reverse:  T^2 * mean_x KL(softmax(s(x) / T) || softmax(t(x) / T))   (mode-seeking)
+    loss = alpha * CE(labels, s(x))  +  (1 - alpha) * T^2 * mean_x KL(softmax(t(x) / T) || softmax(s(x) / T))
 
-with ``kljax.discrete.kl_logits`` (P first: the teacher for forward, the student for reverse), for a
-sweep of temperatures T (the T^2 factor keeps gradient magnitudes comparable across T; Hinton et al.,
-2015, sec. 2). Each temperature sweep is ``jax.vmap``-ed in one jitted run. A student of the same size
-trained on the labels with cross-entropy is the reference.
+(Hinton et al., 2015, sec. 2: the T^2 keeps the soft-target gradients' scale as T changes). Four losses:
+``labels`` (alpha = 1), ``forward`` (alpha = 0, pure distillation, no labels), ``mixed`` (alpha =
+``--mixed-alpha``), and ``reverse`` (alpha = 0 with the KL's arguments swapped, KL(s || t), mode-seeking;
+Gu et al., 2024), for every student width x temperature. Every KL is ``kljax.discrete.kl_logits``
+(P first: the teacher for forward, the student for reverse).
 
-Reported per (direction, T), on the test split at temperature 1: student accuracy, expected calibration
-error (ECE, 15 equal-width confidence bins; Guo et al., 2017, eq. 3), the KL reached in both directions
-(teacher || student and student || teacher), and agreement with the teacher's argmax. Means over
-``--seeds`` splits / initialisations.
+Reported per (width, loss, T), on the test set at T = 1: student accuracy, expected calibration error
+(ECE, 15 equal-width confidence bins; Guo et al., 2017, eq. 3), the KL to the teacher in both directions
+and the agreement with the teacher's argmax; mean and Student-t 95% interval over seeds (each seed is a
+new three-way split, teacher and student initialisation; the losses of one seed share the student's
+initialisation). All seeds x losses x temperatures of one width are one jitted ``jax.vmap``-ed run.
 
 References: G. Hinton, O. Vinyals and J. Dean, "Distilling the knowledge in a neural network", 2015,
 https://arxiv.org/abs/1503.02531; C. Guo et al., "On calibration of modern neural networks", ICML 2017;
-Y. Gu et al., "MiniLLM: knowledge distillation of large language models" (reverse KL), ICLR 2024.
+Y. Gu et al., "MiniLLM: knowledge distillation of large language models", ICLR 2024 (reverse KL);
+S. Stanton et al., "Does knowledge distillation really work?", NeurIPS 2021 (fidelity versus accuracy).
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import pathlib
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from experiments import _common
-from experiments.finetune_kl import accuracy, cross_entropy, init_mlp, load_digits_split, mlp_logits, train
+from experiments import _transfer as T
 from kljax import discrete
 
-TITLE = "Distillation: forward vs reverse KL and temperature (digits)"
+TITLE = "Distillation on a held-out transfer set: labels, mixed, forward and reverse KL (digits)"
 ORDER = 62
 
-FULL = dict(temperatures=[1.0, 2.0, 4.0, 8.0], seeds=3, steps=1000, student_hidden=8)
-QUICK = dict(temperatures=[1.0, 4.0], seeds=1, steps=400, student_hidden=8)
-TEACHER_SIZES = (64, 256, 256, 10)
-TEACHER_STEPS = 400
-LEARNING_RATE = 3e-3
+LOSSES = ("labels", "forward", "mixed", "reverse")
+FRACTIONS = (0.4, 0.3, 0.3)  # teacher training set, transfer set, test set
 ECE_BINS = 15
-DIRECTIONS = ("forward", "reverse")
+METRICS = ("student_accuracy", "ece", "forward_kl", "reverse_kl", "agreement_with_teacher")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Settings of the study (``quick()``: the CI scale)."""
+
+    student_widths: tuple[int, ...] = (4, 8, 16, 64)
+    temperatures: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+    mixed_alpha: float = 0.5
+    seeds: int = 5
+    steps: int = 1000
+    teacher_width: int = 256
+    teacher_depth: int = 2
+    teacher_steps: int = 400
+    learning_rate: float = 3e-3
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> "Config":
+        return cls(student_widths=(8,), temperatures=(1.0, 4.0), seeds=3, steps=400)
+
+    def runs(self) -> list[tuple[str, float]]:
+        """``(loss, T)`` of every student of one width; ``labels`` once (T plays no part in it)."""
+        return [("labels", 1.0)] + [(loss, float(t)) for loss in LOSSES[1:] for t in self.temperatures]
 
 
 def expected_calibration_error(logits, labels, num_bins: int = ECE_BINS) -> float:
     """ECE = sum_b |B_b| / n * |accuracy(B_b) - confidence(B_b)| over equal-width confidence bins."""
-    probabilities = np.asarray(jax.nn.softmax(logits, axis=-1))
+    probabilities = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
     confidence = probabilities.max(axis=-1)
     correct = probabilities.argmax(axis=-1) == np.asarray(labels)
     bin_of = np.minimum((confidence * num_bins).astype(int), num_bins - 1)
@@ -63,148 +90,232 @@ def expected_calibration_error(logits, labels, num_bins: int = ECE_BINS) -> floa
     return float(ece)
 
 
-def _test_metrics(logits, labels, teacher_logits) -> dict[str, float]:
+def distillation_loss(student_logits, teacher_logits, labels, *, alpha, temperature, reverse):
+    """``alpha * CE + (1 - alpha) * T^2 * mean KL`` (forward ``KL(t || s)``, or ``KL(s || t)`` if ``reverse``).
+
+    ``reverse`` is a 0/1 weight (a traced value under vmap), not a branch.
+    """
+    s, t = student_logits / temperature, teacher_logits / temperature
+    kl = (1.0 - reverse) * discrete.kl_logits(t, s) + reverse * discrete.kl_logits(s, t)
+    return alpha * T.cross_entropy(student_logits, labels) + (1.0 - alpha) * temperature**2 * jnp.mean(kl)
+
+
+@eqx.filter_jit
+def _teachers(init, static, x, y, config: Config):
+    return T.fit(init, lambda p: T.cross_entropy(T.logits_of(p, static, x), y),
+                 steps=config.teacher_steps, learning_rate=config.learning_rate)
+
+
+@eqx.filter_jit
+def _students(init, static, x, y, teacher_logits, x_test, settings, config: Config):
+    """Trains one student per row of ``settings`` (alpha, T, reverse) from ``init``; test logits (R, n, 10)."""
+    def one(setting):
+        alpha, temperature, reverse = setting[0], setting[1], setting[2]
+        params = T.fit(init, lambda p: distillation_loss(T.logits_of(p, static, x), teacher_logits, y, alpha=alpha,
+                                                         temperature=temperature, reverse=reverse),
+                       steps=config.steps, learning_rate=config.learning_rate)
+        return T.logits_of(params, static, x_test)
+
+    return jax.vmap(one)(settings)
+
+
+@jax.jit
+def _scores(logits, labels, teacher_logits) -> dict[str, jax.Array]:
+    """Test metrics but ECE of every model at once: logits (..., n, 10), labels (..., n), teacher (..., n, 10)."""
+    teacher_logits = jnp.broadcast_to(teacher_logits, logits.shape)
     return {
-        "student_accuracy": float(accuracy(logits, labels)),
-        "ece": expected_calibration_error(logits, labels),
-        "forward_kl": float(jnp.mean(discrete.kl_logits(teacher_logits, logits))),
-        "reverse_kl": float(jnp.mean(discrete.kl_logits(logits, teacher_logits))),
-        "agreement_with_teacher": float(jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(teacher_logits, -1))),
+        "student_accuracy": T.accuracy(logits, labels),
+        "forward_kl": jnp.mean(discrete.kl_logits(teacher_logits, logits), axis=-1),
+        "reverse_kl": jnp.mean(discrete.kl_logits(logits, teacher_logits), axis=-1),
+        "agreement_with_teacher": jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(teacher_logits, -1), axis=-1),
     }
 
 
-@functools.partial(jax.jit, static_argnames=("direction", "steps", "sizes"))
-def _distill_sweep(init, teacher_logits, x_train, temperatures, *, direction: str, steps: int, sizes):
-    """Trains one student per temperature (vmapped); returns their parameters."""
-    del sizes  # part of the cache key only
-
-    def distill(temperature):
-        def loss(params):
-            student = mlp_logits(params, x_train) / temperature
-            teacher = teacher_logits / temperature
-            if direction == "forward":
-                kl = discrete.kl_logits(teacher, student)
-            else:
-                kl = discrete.kl_logits(student, teacher)
-            return temperature**2 * jnp.mean(kl)
-
-        return train(init, loss, steps=steps, learning_rate=LEARNING_RATE)
-
-    return jax.vmap(distill)(temperatures)
-
-
-def run_seed(seed: int, temperatures, steps: int, student_hidden: int) -> dict:
-    x_train, y_train, x_test, y_test = load_digits_split(seed)
-    teacher_key, student_key = jax.random.split(jax.random.key(seed))
-    teacher = jax.jit(lambda p: train(p, lambda q: cross_entropy(mlp_logits(q, x_train), y_train),
-                                      steps=TEACHER_STEPS, learning_rate=LEARNING_RATE))(
-        init_mlp(teacher_key, TEACHER_SIZES))
-    teacher_train, teacher_test = mlp_logits(teacher, x_train), mlp_logits(teacher, x_test)
-    sizes = (64, student_hidden, 10)
-    student_init = init_mlp(student_key, sizes)
-    labels_student = jax.jit(lambda p: train(p, lambda q: cross_entropy(mlp_logits(q, x_train), y_train),
-                                             steps=steps, learning_rate=LEARNING_RATE))(student_init)
-    out = {
-        "teacher": {"accuracy": float(accuracy(teacher_test, y_test)),
-                    "ece": expected_calibration_error(teacher_test, y_test)},
-        "student_labels": _test_metrics(mlp_logits(labels_student, x_test), y_test, teacher_test),
-    }
-    temps = jnp.asarray(temperatures, jnp.float32)
-    for direction in DIRECTIONS:
-        students = _distill_sweep(student_init, teacher_train, x_train, temps, direction=direction,
-                                  steps=steps, sizes=sizes)
-        for i, temperature in enumerate(temperatures):
-            params = jax.tree.map(lambda leaf: leaf[i], students)
-            logits_train = mlp_logits(params, x_train) / temperature
-            teacher_scaled = teacher_train / temperature
-            train_kl = (discrete.kl_logits(teacher_scaled, logits_train) if direction == "forward"
-                        else discrete.kl_logits(logits_train, teacher_scaled))
-            out[(direction, temperature)] = {
-                **_test_metrics(mlp_logits(params, x_test), y_test, teacher_test),
-                "train_objective_kl": float(jnp.mean(train_kl)),
-            }
-    return out
-
-
-def _mean(dicts: list[dict]) -> dict:
-    return {key: float(np.mean([d[key] for d in dicts])) for key in dicts[0]}
-
-
-def main(argv: list[str] | None = None) -> dict:
-    p = _common.parser("distill_kl", __doc__.splitlines()[0])
-    p.add_argument("--temperatures", type=_common.float_list, help="distillation temperatures")
-    p.add_argument("--seeds", type=int, help="number of splits / initialisations")
-    p.add_argument("--steps", type=int, help="student training steps")
-    p.add_argument("--student-hidden", type=int, help="hidden width of the student")
-    args = p.parse_args(argv)
-    config = _common.scaled_config(args, QUICK, FULL)
-
+def run(config: Config) -> dict:
+    """Runs the study; returns the metrics (per-seed values, means and 95% intervals)."""
+    seeds = [config.seed + s for s in range(config.seeds)]
+    (x_teach, y_teach), (x_transfer, y_transfer), (x_test, y_test) = T.stacked_parts(seeds, FRACTIONS)
+    runs = config.runs()
+    settings = jnp.asarray([(1.0 if loss == "labels" else config.mixed_alpha if loss == "mixed" else 0.0,
+                             temperature, 1.0 if loss == "reverse" else 0.0) for loss, temperature in runs],
+                           jnp.float32)
     with _common.Timer() as timer:
-        per_seed = [run_seed(args.seed + s, config["temperatures"], config["steps"], config["student_hidden"])
-                    for s in _common.progress(range(config["seeds"]), desc="distill_kl seeds",
-                                              disable=args.no_progress)]
+        init, static = T.init_mlps(seeds, 0, config.teacher_width, config.teacher_depth)
+        teacher = jax.vmap(lambda p, x, y: _teachers(p, static, x, y, config))(init, x_teach, y_teach)
+        logits = jax.jit(jax.vmap(lambda p, x: T.logits_of(p, static, x)))
+        teacher_own, teacher_transfer, teacher_test = (logits(teacher, x) for x in (x_teach, x_transfer, x_test))
+        per_width = {}
+        for i, width in enumerate(config.student_widths):
+            student_init, student_static = T.init_mlps(seeds, 1 + i, width, 1)
+            per_width[width] = jax.vmap(
+                lambda p, x, y, t, xt: _students(p, student_static, x, y, t, xt, settings, config))(
+                student_init, x_transfer, y_transfer, teacher_transfer, x_test)  # (seeds, runs, n, 10)
+
+    def top_probability(z):
+        return np.asarray(jnp.max(jax.nn.softmax(z, axis=-1), axis=-1))  # (seeds, n)
+
+    top_own, top_transfer = top_probability(teacher_own), top_probability(teacher_transfer)
+    teacher_rows = {
+        "accuracy": np.asarray(T.accuracy(teacher_test, y_test)),
+        "ece": [expected_calibration_error(teacher_test[s], y_test[s]) for s in range(config.seeds)],
+        "mean_max_probability_on_transfer_set": top_transfer.mean(axis=-1),
+        "mean_max_probability_on_own_training_set": top_own.mean(axis=-1),
+        "fraction_below_0.9_on_transfer_set": (top_transfer < 0.9).mean(axis=-1),
+        "fraction_below_0.9_on_own_training_set": (top_own < 0.9).mean(axis=-1),
+        "accuracy_on_transfer_set": np.asarray(T.accuracy(teacher_transfer, y_transfer)),
+    }
     results = []
-    for direction in DIRECTIONS:
-        for temperature in config["temperatures"]:
-            rows = [seed[(direction, temperature)] for seed in per_seed]
-            results.append({"direction": direction, "temperature": float(temperature), **_mean(rows),
-                            "student_accuracy_std": float(np.std([r["student_accuracy"] for r in rows]))})
-    metrics = {
-        "config": {**config, "teacher_sizes": list(TEACHER_SIZES), "teacher_steps": TEACHER_STEPS,
-                   "learning_rate": LEARNING_RATE, "ece_bins": ECE_BINS, "quick": args.quick},
-        "teacher": _mean([s["teacher"] for s in per_seed]),
-        "student_labels": _mean([s["student_labels"] for s in per_seed]),
+    for width, test_logits in per_width.items():
+        scores = {k: np.asarray(v) for k, v in _scores(test_logits, y_test[:, None, :],
+                                                        teacher_test[:, None, :, :]).items()}  # (seeds, runs)
+        test_logits = np.asarray(test_logits)
+        scores["ece"] = np.array([[expected_calibration_error(test_logits[s, r], y_test[s]) for r in range(len(runs))]
+                                  for s in range(config.seeds)])
+        for r, (loss, temperature) in enumerate(runs):
+            row = {"student_width": width, "loss": loss, "temperature": temperature,
+                   "alpha": float(settings[r, 0])}
+            for name in METRICS:
+                values = [float(v) for v in scores[name][:, r]]
+                stats = T.summarise(values)
+                row[name], row[name + "_ci95"], row[name + "_std"] = stats["mean"], stats["ci95"], stats["std"]
+                row[name + "_seeds"] = values
+            results.append(row)
+    return {
+        "config": {**dataclasses.asdict(config), "fractions": list(FRACTIONS), "ece_bins": ECE_BINS,
+                   "part_sizes": [int(x_teach.shape[1]), int(x_transfer.shape[1]), int(x_test.shape[1])]},
+        "teacher": {name: {**T.summarise(values), "seeds": [float(v) for v in values]}
+                    for name, values in teacher_rows.items()},
         "results": results,
         "seconds": timer.seconds,
     }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    config, args = T.parse_config(Config, "distill_kl", __doc__.splitlines()[0], argv)
+    metrics = run(config)
+    metrics["config"]["quick"] = bool(args.quick)
     _common.save_metrics(args.out, metrics)
     _plot(metrics, args.out)
     return metrics
 
 
+# ----------------------------------------------------------------------------------------------
+# Figure and report
+# ----------------------------------------------------------------------------------------------
+
+LABELS = {"labels": "labels (CE)", "forward": "forward KL(t||s)", "mixed": "mixed", "reverse": "reverse KL(s||t)"}
+STYLES = {"forward": "o-", "mixed": "s-", "reverse": "^--"}
+
+
+def _rows(metrics, width, loss):
+    return [r for r in metrics["results"] if r["student_width"] == width and r["loss"] == loss]
+
+
 def _plot(metrics: dict, out_dir: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
+    widths = metrics["config"]["student_widths"]
     panels = (("student_accuracy", "test accuracy"), ("ece", "ECE (15 bins)"),
-              ("forward_kl", "KL(teacher || student), T = 1"), ("reverse_kl", "KL(student || teacher), T = 1"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(15, 3.6))
-    for ax, (key, label) in zip(axes, panels):
-        for direction, style in zip(DIRECTIONS, ("o-", "s--")):
-            rows = [r for r in metrics["results"] if r["direction"] == direction]
-            ax.plot([r["temperature"] for r in rows], [r[key] for r in rows], style, label=f"{direction} KL")
-        ax.axhline(metrics["student_labels"][key], color="gray", ls=":", label="student on labels")
-        teacher = {"student_accuracy": metrics["teacher"]["accuracy"], "ece": metrics["teacher"]["ece"]}
-        if key in teacher:
-            ax.axhline(teacher[key], color="k", ls="-.", lw=0.8, label="teacher")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("temperature T")
-        ax.set_title(label, fontsize=9)
-    axes[0].set_ylabel("student (test split)")
-    axes[0].legend(fontsize=7)
+              ("agreement_with_teacher", "agreement with the teacher's argmax"))
+    fig, axes = plt.subplots(len(panels), len(widths), figsize=(3.6 * len(widths) + 1, 8.5), squeeze=False,
+                             sharex=True)
+    teacher = metrics["teacher"]
+    for column, width in enumerate(widths):
+        for row, (key, label) in enumerate(panels):
+            ax = axes[row, column]
+            for loss in ("forward", "mixed", "reverse"):
+                rows = _rows(metrics, width, loss)
+                legend = LABELS[loss] if loss != "mixed" else f"mixed, alpha = {metrics['config']['mixed_alpha']:g}"
+                ax.errorbar([r["temperature"] for r in rows], [r[key] for r in rows],
+                            yerr=[r[key + "_ci95"] for r in rows], fmt=STYLES[loss], ms=4, capsize=2, lw=1,
+                            label=legend)
+            (labels,) = _rows(metrics, width, "labels")
+            ax.axhline(labels[key], color="gray", ls=":", label="labels (CE), ±95%")
+            ax.axhspan(labels[key] - labels[key + "_ci95"], labels[key] + labels[key + "_ci95"], color="gray",
+                       alpha=0.15)
+            if key in ("student_accuracy", "ece"):
+                name = "accuracy" if key == "student_accuracy" else "ece"
+                ax.axhline(teacher[name]["mean"], color="k", ls="-.", lw=0.8, label="teacher")
+            ax.set_xscale("log", base=2)
+            if row == 0:
+                ax.set_title(f"student 64-{width}-10", fontsize=9)
+            if column == 0:
+                ax.set_ylabel(label, fontsize=8)
+            if row == len(panels) - 1:
+                ax.set_xlabel("temperature T")
+    axes[0, 0].legend(fontsize=6)
+    fig.suptitle(f"test set, mean and 95% interval over {metrics['config']['seeds']} seeds", fontsize=9)
     _common.save_figure(fig, out_dir, "distillation")
 
 
+def reading(metrics: dict) -> list[str]:
+    """The conclusions, each computed from the per-seed numbers (Welch tests at p < 0.05)."""
+    teacher, config = metrics["teacher"], metrics["config"]
+    out = [
+        f"The teacher never saw the transfer set: its mean max-probability there is "
+        f"{T.fmt(teacher['mean_max_probability_on_transfer_set'])} (accuracy "
+        f"{T.fmt(teacher['accuracy_on_transfer_set'])}) against "
+        f"{T.fmt(teacher['mean_max_probability_on_own_training_set'])} on its own training set; it gives less "
+        f"than 0.9 to its top class on {T.fmt(teacher['fraction_below_0.9_on_transfer_set'])} of the transfer "
+        f"images (on {T.fmt(teacher['fraction_below_0.9_on_own_training_set'])} of its training images)."]
+    p_values, accuracy_tests, fidelity_tests = [], [], []
+    for width in config["student_widths"]:
+        (labels,) = _rows(metrics, width, "labels")
+        best = {loss: max(_rows(metrics, width, loss), key=lambda r: r["student_accuracy"])
+                for loss in ("forward", "mixed", "reverse")}
+        forward = best["forward"]
+        comparisons = [(best[loss], labels, f"{LABELS[loss]} at its best T = {best[loss]['temperature']:g}",
+                        "labels (CE)", "student_accuracy", "test accuracy") for loss in ("forward", "mixed")]
+        forward_at_lowest = _rows(metrics, width, "forward")[0]
+        if forward is not forward_at_lowest:
+            comparisons.append((forward, forward_at_lowest, f"forward KL at T = {forward['temperature']:g}",
+                                f"at T = {forward_at_lowest['temperature']:g}", "student_accuracy", "test accuracy"))
+        reverse = next(r for r in _rows(metrics, width, "reverse") if r["temperature"] == forward["temperature"])
+        comparisons.append((reverse, forward, f"reverse KL at T = {reverse['temperature']:g}", "forward KL",
+                            "student_accuracy", "test accuracy"))
+        comparisons.append((forward, labels, f"forward KL at T = {forward['temperature']:g}", "labels (CE)", "ece",
+                            "ECE"))
+        forward_at_highest = _rows(metrics, width, "forward")[-1]
+        comparisons.append((forward_at_highest, labels, f"forward KL at T = {forward_at_highest['temperature']:g}",
+                            "labels (CE)", "agreement_with_teacher", "agreement with the teacher"))
+        lines = []
+        for a, b, name_a, name_b, key, what in comparisons:
+            lines.append(T.compare(a[key + "_seeds"], b[key + "_seeds"], name_a, name_b, what))
+            p = T.welch_p(a[key + "_seeds"], b[key + "_seeds"])
+            p_values.append(p)
+            if key == "student_accuracy" and b is labels:
+                accuracy_tests.append(p < T.SIGNIFICANCE)
+            if key == "agreement_with_teacher":
+                fidelity_tests.append(p < T.SIGNIFICANCE and a[key] > b[key])
+        out.append(f"Student 64-{width}-10: " + " ".join(lines))
+    significant = sum(bool(p < T.SIGNIFICANCE) for p in p_values)
+    out.append(f"{significant} of these {len(p_values)} comparisons are significant at p < 0.05 uncorrected, "
+               f"{sum(T.holm(p_values))} after Holm's correction for the {len(p_values)} (the best T is picked on "
+               "the test means, which favours the distilled students). Distillation (forward or mixed, "
+               f"best T) changes the student's test accuracy significantly against training on the labels in "
+               f"{sum(accuracy_tests)} of {len(accuracy_tests)} width x loss cases; the forward-KL student at the "
+               f"highest T agrees with the teacher significantly more often than the labels student for "
+               f"{sum(fidelity_tests)} of {len(fidelity_tests)} widths (fidelity to the teacher and accuracy are "
+               "different things; Stanton et al., 2021).")
+    return out
+
+
 def report(metrics: dict, rel_dir: pathlib.Path) -> str:
-    header = ["loss", "T", "accuracy", "ECE", "KL(t||s)", "KL(s||t)", "agreement"]
-    rows = [[f"{r['direction']} KL", f"{r['temperature']:g}", r["student_accuracy"], r["ece"], r["forward_kl"],
-             r["reverse_kl"], r["agreement_with_teacher"]] for r in metrics["results"]]
-    labels = metrics["student_labels"]
-    rows.append(["labels (CE)", "-", labels["student_accuracy"], labels["ece"], labels["forward_kl"],
-                 labels["reverse_kl"], labels["agreement_with_teacher"]])
     config, teacher = metrics["config"], metrics["teacher"]
-    by_key = {(r["direction"], r["temperature"]): r for r in metrics["results"]}
-    lowest = min(config["temperatures"])
-    forward, reverse = by_key[("forward", lowest)], by_key[("reverse", lowest)]
+    header = ["student", "loss", "T", "accuracy", "ECE", "KL(t||s)", "KL(s||t)", "agreement"]
+    rows = [[f"64-{r['student_width']}-10", LABELS[r["loss"]],
+             "-" if r["loss"] == "labels" else f"{r['temperature']:g}"]
+            + [f"{r[k]:.3f} ± {r[k + '_ci95']:.3f}" for k in METRICS] for r in metrics["results"]]
+    sizes = config["part_sizes"]
     return "\n\n".join([
-        f"Teacher MLP {'-'.join(map(str, config['teacher_sizes']))} (test accuracy {teacher['accuracy']:.3f}, "
-        f"ECE {teacher['ece']:.3f}); student 64-{config['student_hidden']}-10 trained {config['steps']} Adam "
-        f"steps on the training inputs; metrics on the test split at T = 1, means over {config['seeds']} seed(s).",
-        _common.markdown_table(header, rows, float_format="{:.3f}"),
-        f"At T = {lowest:g}: forward-KL student accuracy {forward['student_accuracy']:.3f}, reverse-KL student "
-        f"{reverse['student_accuracy']:.3f} (final training objective {forward['train_objective_kl']:.3f} vs "
-        f"{reverse['train_objective_kl']:.3f} nats). The reverse KL's gradient with respect to a class's logit "
-        "is proportional to the student's probability of that class, so a class the student has given up on "
-        "gets no pull back.",
+        f"Teacher MLP 64-{'-'.join([str(config['teacher_width'])] * config['teacher_depth'])}-10 trained on "
+        f"{sizes[0]} images (test accuracy {T.fmt(teacher['accuracy'])}, ECE {T.fmt(teacher['ece'])}); students "
+        f"trained {config['steps']} full-batch Adam steps on a disjoint transfer set of {sizes[1]} images; "
+        f"metrics on {sizes[2]} test images at T = 1; mixed loss alpha = {config['mixed_alpha']:g}; mean ± 95% "
+        f"t-interval over {config['seeds']} seeds.",
+        _common.markdown_table(header, rows),
+        "**Reading** (computed from the per-seed values; Welch t-tests, p < 0.05, uncorrected):\n\n"
+        + "\n".join(f"- {line}" for line in reading(metrics)),
         f"![distillation]({rel_dir}/distillation.png)",
     ])
 

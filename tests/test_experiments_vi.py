@@ -99,6 +99,41 @@ def test_conjugate_gradient_variance_at_the_posterior(conjugate):
     assert analytic[0] == pytest.approx(25 / 6, abs=5 * math.sqrt(2 / draws) * 25 / 6)
 
 
+def test_conjugate_misspecified_target_and_infinite_variance(conjugate):
+    metrics, _ = conjugate
+    mis = metrics["misspecified"]
+    # q* is the best Gaussian: no fit beats it, and the KL left to the two-mode posterior is positive
+    assert all(fit["gap_to_best"] > -1e-6 for fit in mis["fits"].values())
+    assert mis["best_q"]["kl_to_posterior"] > 0.1
+    # the evidence by quadrature bounds every ELBO
+    assert all(fit["elbo"] <= mis["log_evidence"] for fit in mis["fits"].values())
+    # STL's gradient variance at q* is lower than the total derivative's but not zero (unlike at a posterior
+    # inside the family)
+    variance = mis["grad_variance_at_best_q"]
+    assert 1e-3 * min(variance["mc_kl"]) < min(variance["stl"]) and max(variance["stl"]) < max(variance["mc_kl"])
+    # k3's infinite variance is reported as such (its sample estimates do not settle); k1's settle on 1 / v
+    assert not metrics["k3_variance_finite"]
+    assert "∞" in vi_conjugate.report(metrics, "vi_conjugate")
+    settled = [v[0] * metrics["posterior"]["var"] for v in metrics["variance_growth"]["mc_kl_k1"]]
+    assert max(abs(v - 1) for v in settled) < 0.25
+
+
+def test_misspecified_quadratures_against_scipy():
+    from scipy import integrate
+
+    data, s0, s, df = [0.5, 1.2, 4.0, 4.5], 3.0, 0.3, 3.0
+    # p(x, z) ~ e^-17: scaled by e^17 so that QUADPACK's absolute tolerance does not dominate
+    joint = lambda z: math.exp(vi_conjugate._numpy_log_joint([z], data, s0, s, df)[0] + 17)
+    evidence = sum(integrate.quad(joint, a, b, limit=500, epsabs=0, epsrel=1e-12)[0]
+                   for a, b in ((-40, 0), (0, 2.5), (2.5, 40)))
+    assert vi_conjugate.misspecified_evidence(data, s0, s, df) == pytest.approx(math.log(evidence) - 17, abs=1e-9)
+    mean, scale = 1.1, 0.35
+    expected = integrate.quad(lambda z: stats.norm.pdf(z, mean, scale) * vi_conjugate._numpy_log_joint(
+        [z], data, s0, s, df)[0], mean - 12 * scale, mean + 12 * scale, limit=200)[0]
+    expected += 0.5 * math.log(2 * math.pi * math.e * scale**2)
+    assert vi_conjugate.misspecified_elbo(mean, scale, data, s0, s, df) == pytest.approx(expected, abs=1e-8)
+
+
 @pytest.mark.parametrize("estimator", ["analytic_kl", "mc_kl", "mc_kl_k3", "stl"])
 def test_conjugate_estimators_are_unbiased_away_from_the_posterior(estimator):
     # At q = N(0.1, 0.8^2) the exact -ELBO gradient is d/dphi KL(q || posterior) (log p(x) is constant).
@@ -269,6 +304,14 @@ def test_logistic_full_rank_is_closer_to_nuts_than_mean_field(logistic):
     if metrics["knn_available"]:
         # Only this direction is trustworthy in d = 31 at this n (see the experiment's report).
         assert full_rank["kl_knn"]["kl_q_to_reference"] < mean_field["kl_knn"]["kl_q_to_reference"]
+    if metrics["ratio_available"]:
+        # The density-ratio column: finite estimates with standard errors, ranking the families as the closed
+        # form does in the direction q -> reference (mean field's too-narrow q is far from NUTS there).
+        for name in ("mean_field", "full_rank"):
+            assert all(np.isfinite(v) for v in full_rank["kl_ratio"].values())
+            assert results[name]["kl_ratio"]["stderr_q_to_reference"] > 0
+        assert full_rank["kl_ratio"]["kl_q_to_reference"] < mean_field["kl_ratio"]["kl_q_to_reference"]
+        assert "ratio KL(q ‖ ref)" in vi_logistic.report(metrics, "x")
     for name in ("nuts", "mean_field", "full_rank"):
         assert results[name]["test"]["accuracy"] > 0.9
         assert 0 <= results[name]["test"]["ece"] < 0.2

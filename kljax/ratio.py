@@ -1,0 +1,788 @@
+"""Density-ratio and variational estimators of KL divergence and mutual information, trained with optax.
+
+From samples ``x ~ P`` of shape ``(n, d)`` and ``y ~ Q`` of shape ``(m, d)`` a model ``f`` is trained
+to tell the two samples apart; at its optimum ``f`` is (an affine function of) the log density ratio
+``log p/q``, and the KL is read off it. Unlike k-NN estimators the error does not grow with the
+dimension through neighbour distances; it is that of fitting ``log p/q`` with the chosen model.
+
+Methods (``method=``), each with its objective for ``f`` and its estimate:
+
+==============  ==================================================  ==========================================
+method          training objective (maximised)                      estimate from held-out points
+==============  ==================================================  ==========================================
+``classifier``  balanced logistic log-likelihood, P = 1 vs Q = 0    ``mean_P f``  (f -> log p/q)
+``nwj``         ``E_P[f] - E_Q[exp(f - 1)]``                        same functional (f -> 1 + log p/q)
+``dv``          ``E_P[f] - log E_Q[exp f]`` (MINE gradient)         same functional (f -> log p/q + c)
+==============  ==================================================  ==========================================
+
+Rules that hold for every method:
+
+* **Cross-fitting.** The points are split at random into ``num_folds`` folds; fold k's model is trained
+  on the other folds and evaluated on fold k only, so overfitting cannot inflate the estimate (for
+  ``P = Q`` the held-out logits have mean ~0, whereas in-sample ones are biased upwards). The estimate
+  averages the held-out terms; the folds' models are trained together (``jax.vmap`` over folds, a
+  ``lax.scan`` over steps: the whole training is one jitted program).
+* **Prior correction.** Each training step draws ``batch_size`` points from P and as many from Q, so the
+  classifier sees balanced classes and its logit estimates ``log p/q`` itself; it is the log(n/m)
+  prior correction (Bickel et al. 2009; Sugiyama et al. 2012, ch. 4) applied in the sampling instead of
+  subtracted afterwards, and it keeps working when m and n differ by orders of magnitude.
+* **Standard error.** ``kl_with_stderr`` returns the larger of two standard errors: the per-point one,
+  ``std(held-out terms) / sqrt(n)``, which knows the sampling spread of P's points, and the one from
+  the spread of the ``num_folds`` fold estimates, which also sees the spread between trained models.
+* **Divergence.** A training run whose loss or parameters turn non-finite gives a NaN estimate and
+  ``diverged=True`` in :func:`kl_with_diagnostics`; :func:`kl` and :func:`kl_with_stderr` then return
+  NaN and, called eagerly, warn (``RuntimeWarning``). A finite number is never presented as an estimate
+  of a run that diverged.
+* Features are standardised (pooled mean and standard deviation of x and y), a label-free map that
+  leaves every divergence unchanged.
+
+Models (``model=``): ``"quadratic"``, logistic regression on the features ``(1, x, x x^T)``, exact for
+any two Gaussians (their log-ratio is a quadratic form), with ``d + d(d + 1)/2 + 1`` parameters; and
+``"mlp"``, a small multilayer perceptron (SiLU, ``hidden`` widths) for non-Gaussian pairs; both are
+plain pytrees of arrays trained with ``optax.adamw`` on a cosine learning-rate decay.
+
+Mutual information (:func:`mutual_information`) is ``D(P_XY || P_X P_Y)``: ``"classifier"`` (default)
+trains the classifier above on joint pairs ``(x_i, y_i)`` against shuffled pairs ``(x_i, y_j)`` (the
+shuffles stay inside each fold, so a held-out pair's halves are never seen in training); ``"nwj"``
+and ``"infonce"`` train a critic ``T(x, y)`` on all ``batch_size^2`` pairs of a batch (Poole et al.
+2019). InfoNCE ``mean_i [T_ii - log (1/B) sum_j exp T_ij]`` can never exceed ``log B`` with ``B`` the
+batch size (here ``batch_size``, training and evaluation alike): it is a low-variance estimator of MI
+only when MI is well below ``log B``, and saturates at ``log B`` above it.
+
+Known failure modes: the DV estimate and its MINE gradient have high variance (the ``log E_Q exp f``
+term is dominated by a few points when KL is large; Song & Ermon 2020); NWJ's ``E_Q[exp(f - 1)]``
+has variance ``exp(KL)``-like, so both bounds are unreliable above a few nats; the classifier estimate
+inherits the classifier's miscalibration (a model too weak for ``log p/q``, or regularisation that
+shrinks the logits, biases it low).
+
+References:
+    X. Nguyen, M. J. Wainwright, M. I. Jordan (2010), "Estimating divergence functionals and the
+    likelihood ratio by convex risk minimization", IEEE Trans. Inf. Theory 56(11) (NWJ bound).
+    M. D. Donsker, S. R. S. Varadhan (1983), "Asymptotic evaluation of certain Markov process
+    expectations for large time IV", Comm. Pure Appl. Math. 36(2) (DV bound).
+    M. I. Belghazi et al. (2018), "Mutual Information Neural Estimation", ICML,
+    https://arxiv.org/abs/1801.04062 (MINE, the moving-average corrected gradient, Sec. 3.2).
+    A. van den Oord, Y. Li, O. Vinyals (2018), "Representation learning with contrastive predictive
+    coding", https://arxiv.org/abs/1807.03748 (InfoNCE).
+    B. Poole, S. Ozair, A. van den Oord, A. Alemi, G. Tucker (2019), "On variational bounds of mutual
+    information", ICML, https://arxiv.org/abs/1905.06922 (NWJ, InfoNCE and the log(batch) ceiling).
+    J. Song, S. Ermon (2020), "Understanding the limitations of variational mutual information
+    estimators", ICLR, https://arxiv.org/abs/1910.06222.
+    S. Bickel, M. Brueckner, T. Scheffer (2009), "Discriminative learning under covariate shift",
+    JMLR 10; M. Sugiyama, T. Suzuki, T. Kanamori (2012), "Density Ratio Estimation in Machine
+    Learning", Cambridge University Press, ch. 4 (probabilistic classification).
+    V. Chernozhukov et al. (2018), "Double/debiased machine learning", Econometrics Journal 21(1)
+    (cross-fitting).
+    P. Czyz, F. Grabowski, J. Vogt, N. Beerenwinkel, A. Marx (2023), "Beyond normal: on the evaluation
+    of mutual information estimators", NeurIPS, https://arxiv.org/abs/2306.11078.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from kljax._contract import as_float_array, check_eagerly, check_int, is_concrete, nan_unless, real
+
+__all__ = [
+    "KL_METHODS",
+    "MI_METHODS",
+    "MODELS",
+    "Estimate",
+    "kl",
+    "kl_with_stderr",
+    "kl_with_diagnostics",
+    "mutual_information",
+    "mutual_information_with_stderr",
+    "mutual_information_with_diagnostics",
+]
+
+KL_METHODS = ("classifier", "nwj", "dv")
+"""Names accepted by ``method=`` of :func:`kl` and friends."""
+MI_METHODS = ("classifier", "nwj", "infonce")
+"""Names accepted by ``method=`` of :func:`mutual_information` and friends."""
+MODELS = ("quadratic", "mlp")
+"""Names accepted by ``model=``."""
+
+# Defaults (chosen by measurement on the Gaussian pairs of experiments.ratio_study; see its report).
+_DEFAULTS = {
+    "num_folds": 5,
+    "num_steps": 2000,
+    "batch_size": 256,
+    # learning_rate=None: 0.01 for the quadratic classifier, 1e-3 otherwise (an MLP at 0.01 overfits into
+    # overconfident logits; the exp terms of NWJ/DV overflow at 0.01). Measured (ratio_study, d = 20,
+    # n = 5000): 0.05 raised the classifier's overfitting bias (KL +0.15..0.18, MI at 6 nats +1.3) and
+    # helped only at MI = 10 nats, where 0.01 cannot reach the large coefficients in 2000 steps.
+    "learning_rate": None,
+    "weight_decay": 1e-4,
+    "hidden": (64, 64),
+}
+# MINE's moving-average rate for E_Q[exp f] (Belghazi et al. 2018, Sec. 3.2 and their code: 0.01).
+_MINE_EMA_RATE = 0.01
+
+
+class Estimate(NamedTuple):
+    """A trained estimate and what is needed to judge it.
+
+    Attributes:
+        value: the estimate in nats (NaN when the training diverged or an input is bad under jit).
+        stderr: its standard error (the larger of the per-point and the between-fold one).
+        diverged: True when some fold's loss or parameters became non-finite (then ``value`` is NaN).
+        fold_values: the estimate of each fold from its held-out points, shape ``(num_folds,)``.
+        final_loss: each fold's training loss averaged over the last tenth of the steps.
+    """
+
+    value: jax.Array
+    stderr: jax.Array
+    diverged: jax.Array
+    fold_values: jax.Array
+    final_loss: jax.Array
+
+
+# --------------------------------------------------------------------------------------------------
+# Models: plain pytrees of arrays, written for one (batch, d) input
+# --------------------------------------------------------------------------------------------------
+
+
+def _quadratic_init(key, dim: int, hidden: tuple[int, ...], dtype):
+    del key, hidden
+    return {"bias": jnp.zeros((), dtype), "linear": jnp.zeros((dim,), dtype),
+            "quadratic": jnp.zeros((dim, dim), dtype)}
+
+
+def _quadratic_apply(params, x):
+    # f(x) = b + w.x + x^T A x: every quadratic form, so log p/q of any two Gaussians is representable.
+    return params["bias"] + x @ params["linear"] + jnp.sum((x @ params["quadratic"]) * x, axis=-1)
+
+
+def _mlp_init(key, dim: int, hidden: tuple[int, ...], dtype):
+    sizes = (dim,) + tuple(hidden)
+    keys = jax.random.split(key, len(hidden))
+    layers = []
+    for k, fan_in, fan_out in zip(keys, sizes[:-1], sizes[1:]):
+        weight = jax.random.normal(k, (fan_in, fan_out), dtype) * math.sqrt(1.0 / fan_in)
+        layers.append({"weight": weight, "bias": jnp.zeros((1, fan_out), dtype)})
+    # A zero output layer: the fit starts from f = 0 (log p/q = 0), as the quadratic model does.
+    layers.append({"weight": jnp.zeros((sizes[-1], 1), dtype), "bias": jnp.zeros((1, 1), dtype)})
+    return layers
+
+
+def _mlp_apply(params, x):
+    h = x
+    for layer in params[:-1]:
+        h = jax.nn.silu(h @ layer["weight"] + layer["bias"])
+    return (h @ params[-1]["weight"] + params[-1]["bias"])[:, 0]
+
+
+_MODELS: dict[str, tuple[Callable, Callable]] = {
+    "quadratic": (_quadratic_init, _quadratic_apply),
+    "mlp": (_mlp_init, _mlp_apply),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Folds: points are in a random order; fold k holds the positions [bounds[k], bounds[k + 1])
+# --------------------------------------------------------------------------------------------------
+
+
+def _bounds(count: int, num_folds: int) -> np.ndarray:
+    return np.array([(k * count) // num_folds for k in range(num_folds + 1)], np.int32)
+
+
+def _fold_of_position(count: int, num_folds: int) -> np.ndarray:
+    return np.repeat(np.arange(num_folds, dtype=np.int32), np.diff(_bounds(count, num_folds)))
+
+
+def _draw_training_positions(key, bounds: jax.Array, fold, count: int, batch_size: int):
+    """``batch_size`` positions drawn uniformly (with replacement) outside fold ``fold``'s block."""
+    start, stop = bounds[fold], bounds[fold + 1]
+    offset = jax.random.randint(key, (batch_size,), 0, count - (stop - start))
+    return (stop + offset) % count
+
+
+def _held_out(values: jax.Array, count: int, num_folds: int) -> jax.Array:
+    """From the (num_folds, count) values of every fold's model at every point, each point's value
+    under the model that did not see it."""
+    fold = jnp.asarray(_fold_of_position(count, num_folds))
+    return jnp.take_along_axis(values, fold[None, :], axis=0)[0]
+
+
+def _fold_means(values: jax.Array, count: int, num_folds: int) -> jax.Array:
+    fold = jnp.asarray(_fold_of_position(count, num_folds))
+    sums = jax.ops.segment_sum(values, fold, num_segments=num_folds)
+    return sums / jnp.asarray(np.diff(_bounds(count, num_folds)), values.dtype)
+
+
+def _fold_log_mean_exp(values: jax.Array, count: int, num_folds: int) -> jax.Array:
+    fold = jnp.asarray(_fold_of_position(count, num_folds))
+    top = lax.stop_gradient(jnp.max(values))
+    sums = jax.ops.segment_sum(jnp.exp(values - top), fold, num_segments=num_folds)
+    return jnp.log(sums / jnp.asarray(np.diff(_bounds(count, num_folds)), values.dtype)) + top
+
+
+# --------------------------------------------------------------------------------------------------
+# Training: lax.scan over steps of a step vmapped over folds
+# --------------------------------------------------------------------------------------------------
+
+
+def _standardise(*arrays):
+    pooled = jnp.concatenate(arrays, axis=0)
+    mean = jnp.mean(pooled, axis=0, keepdims=True)
+    std = jnp.std(pooled, axis=0, keepdims=True)
+    std = jnp.where(std > 0, std, jnp.ones_like(std))
+    return tuple((a - mean) / std for a in arrays)
+
+
+def _optimizer(learning_rate: float, weight_decay: float, num_steps: int):
+    schedule = optax.cosine_decay_schedule(learning_rate, num_steps, alpha=0.01)
+    return optax.adamw(schedule, weight_decay=weight_decay)
+
+
+def _report_progress(progress, num_steps):
+    """A jax.debug.callback every num_steps // 10 steps: progress(step, per-fold losses)."""
+    every = max(1, num_steps // 10)
+
+    def maybe_report(step, losses):
+        if progress is None:
+            return
+        lax.cond((step + 1) % every == 0,
+                 lambda: jax.debug.callback(lambda s, l: progress(int(s), np.asarray(l)), step + 1, losses),
+                 lambda: None)
+    return maybe_report
+
+
+def _train(key, loss_of_fold, init_params, extra_init, *, num_folds, num_steps, learning_rate,
+           weight_decay, progress):
+    """Trains ``num_folds`` models at once. ``loss_of_fold(params, extra, key, fold) -> (loss, extra)``
+    is one fold's minibatch loss (``extra``: auxiliary state such as MINE's moving average)."""
+    optimizer = _optimizer(learning_rate, weight_decay, num_steps)
+    opt_state = jax.vmap(optimizer.init)(init_params)
+    folds = jnp.arange(num_folds)
+    report = _report_progress(progress, num_steps)
+
+    def fold_step(params, opt_state, extra, key, fold):
+        (loss, extra), grads = jax.value_and_grad(loss_of_fold, has_aux=True)(params, extra, key, fold)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, extra, loss
+
+    def step(carry, inputs):
+        params, opt_state, extra = carry
+        index, key = inputs
+        keys = jax.random.split(key, num_folds)
+        params, opt_state, extra, losses = jax.vmap(fold_step)(params, opt_state, extra, keys, folds)
+        report(index, losses)
+        return (params, opt_state, extra), losses
+
+    steps = (jnp.arange(num_steps), jax.random.split(key, num_steps))
+    (params, _, _), losses = lax.scan(step, (init_params, opt_state, extra_init), steps)
+    tail = max(1, num_steps // 10)
+    final_loss = jnp.mean(losses[-tail:], axis=0)
+    finite_params = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf), axis=tuple(range(1, leaf.ndim)))
+                                       for leaf in jax.tree.leaves(params)]), axis=0)
+    ok = jnp.all(jnp.isfinite(losses), axis=0) & finite_params
+    return params, final_loss, ok
+
+
+def _init_folds(key, model: str, dim: int, hidden, dtype, num_folds: int):
+    init, _ = _MODELS[model]
+    return jax.vmap(lambda k: init(k, dim, hidden, dtype))(jax.random.split(key, num_folds))
+
+
+def _mean_and_stderr(terms: jax.Array, fold_values: jax.Array):
+    """Mean of the held-out terms; the larger of the per-point and the between-fold standard error."""
+    num_folds = fold_values.shape[0]
+    per_point = jnp.std(terms, ddof=1) / math.sqrt(terms.shape[0])
+    between_folds = jnp.std(fold_values, ddof=1) / math.sqrt(num_folds)
+    return jnp.mean(terms), jnp.maximum(per_point, between_folds)
+
+
+def _two_sample_core(key, x, y, *, method, model, num_folds, num_steps, batch_size, learning_rate,
+                     weight_decay, hidden, progress):
+    """D(P || Q) from x ~ P (n, d), y ~ Q (m, d), already in fold order (block k = fold k)."""
+    n, dim = x.shape
+    m = y.shape[0]
+    dtype = x.dtype
+    _, apply = _MODELS[model]
+    bounds_x, bounds_y = jnp.asarray(_bounds(n, num_folds)), jnp.asarray(_bounds(m, num_folds))
+    init_key, train_key = jax.random.split(key)
+
+    def loss_of_fold(params, log_average, key, fold):
+        key_x, key_y = jax.random.split(key)
+        fx = apply(params, x[_draw_training_positions(key_x, bounds_x, fold, n, batch_size)])
+        fy = apply(params, y[_draw_training_positions(key_y, bounds_y, fold, m, batch_size)])
+        if method == "classifier":
+            # Balanced logistic loss: its minimiser is f = log p/q (equal class priors).
+            return 0.5 * (jnp.mean(jax.nn.softplus(-fx)) + jnp.mean(jax.nn.softplus(fy))), log_average
+        if method == "nwj":
+            return -(jnp.mean(fx) - jnp.mean(jnp.exp(fy - 1.0))), log_average
+        # dv: MINE's corrected gradient: grad log E_Q e^f ~ grad mean_Q e^f / (moving average of mean_Q e^f).
+        log_mean = jax.nn.logsumexp(fy) - math.log(batch_size)
+        log_average = jnp.where(jnp.isfinite(log_average),
+                                jnp.logaddexp(math.log1p(-_MINE_EMA_RATE) + log_average,
+                                              math.log(_MINE_EMA_RATE) + lax.stop_gradient(log_mean)),
+                                lax.stop_gradient(log_mean))
+        surrogate = jnp.exp(log_mean - lax.stop_gradient(log_average))
+        # The value of log E_Q e^f with the gradient of E_Q e^f / (moving average): the loss's value is
+        # -DV on the batch, its gradient MINE's (Belghazi et al. 2018, eq. 12).
+        corrected = lax.stop_gradient(log_mean) + surrogate - lax.stop_gradient(surrogate)
+        return -(jnp.mean(fx) - corrected), log_average
+
+    params = _init_folds(init_key, model, dim, hidden, dtype, num_folds)
+    extra = jnp.full((num_folds,), -jnp.inf, dtype)
+    params, final_loss, ok = _train(train_key, loss_of_fold, params, extra, num_folds=num_folds,
+                                    num_steps=num_steps, learning_rate=learning_rate,
+                                    weight_decay=weight_decay, progress=progress)
+    fx = _held_out(jax.vmap(apply, in_axes=(0, None))(params, x), n, num_folds)
+    fy = _held_out(jax.vmap(apply, in_axes=(0, None))(params, y), m, num_folds)
+    if method == "classifier":
+        fold_values = _fold_means(fx, n, num_folds)
+        value, stderr = _mean_and_stderr(fx, fold_values)
+    elif method == "nwj":
+        terms_y = jnp.exp(fy - 1.0)
+        fold_values = _fold_means(fx, n, num_folds) - _fold_means(terms_y, m, num_folds)
+        value = jnp.mean(fx) - jnp.mean(terms_y)
+        per_point = jnp.sqrt(jnp.var(fx, ddof=1) / n + jnp.var(terms_y, ddof=1) / m)
+        stderr = jnp.maximum(per_point, jnp.std(fold_values, ddof=1) / math.sqrt(num_folds))
+    else:  # dv: a free constant per model, so each fold is evaluated on its own and the folds averaged
+        fold_values = _fold_means(fx, n, num_folds) - _fold_log_mean_exp(fy, m, num_folds)
+        weights = jnp.asarray(np.diff(_bounds(n, num_folds)) / n, dtype)
+        value = jnp.sum(weights * fold_values)
+        # Delta method per point: the DV functional's influence terms f(x_i) and exp(f(y_j) - log mean).
+        ratio = jnp.exp(fy - jnp.repeat(_fold_log_mean_exp(fy, m, num_folds), np.diff(_bounds(m, num_folds)),
+                                        total_repeat_length=m))
+        per_point = jnp.sqrt(jnp.var(fx, ddof=1) / n + jnp.var(ratio, ddof=1) / m)
+        stderr = jnp.maximum(per_point, jnp.std(fold_values, ddof=1) / math.sqrt(num_folds))
+    ok = jnp.all(ok) & jnp.isfinite(value) & jnp.all(jnp.isfinite(fx))
+    return _finish(value, stderr, ok, fold_values, final_loss)
+
+
+def _finish(value, stderr, ok, fold_values, final_loss) -> Estimate:
+    nan = jnp.full_like(value, jnp.nan)
+    return Estimate(jnp.where(ok, value, nan), jnp.where(ok, stderr, nan), ~ok, fold_values, final_loss)
+
+
+def _pairs_core(key, x, y, *, method, model, num_folds, num_steps, batch_size, learning_rate,
+                weight_decay, hidden, progress):
+    """MI from paired rows (in fold order) by a critic T(x, y) on all batch_size^2 pairs (NWJ, InfoNCE)."""
+    n, dim_x = x.shape
+    dim = dim_x + y.shape[1]
+    dtype = x.dtype
+    _, apply = _MODELS[model]
+    bounds = jnp.asarray(_bounds(n, num_folds))
+    init_key, train_key = jax.random.split(key)
+
+    def scores(params, xb, yb):
+        b = xb.shape[0]
+        if model == "quadratic":
+            # f([x, y]) = c + w.z + z^T M z splits into u(x_i) + v(y_j) + x_i^T (M_xy + M_yx^T) y_j, so the
+            # b^2 scores cost two b x d products instead of b^2 quadratic forms.
+            w, mat = params["linear"], params["quadratic"]
+            u = xb @ w[:dim_x] + jnp.sum((xb @ mat[:dim_x, :dim_x]) * xb, axis=-1)
+            v = yb @ w[dim_x:] + jnp.sum((yb @ mat[dim_x:, dim_x:]) * yb, axis=-1)
+            cross = (xb @ (mat[:dim_x, dim_x:] + mat[dim_x:, :dim_x].T)) @ yb.T
+            return params["bias"] + u[:, None] + v[None, :] + cross
+        pairs = jnp.concatenate([jnp.repeat(xb, b, axis=0), jnp.tile(yb, (b, 1))], axis=1)
+        return apply(params, pairs).reshape(b, b)  # [i, j] = T(x_i, y_j)
+
+    def bound(t):
+        b = t.shape[0]
+        diagonal = jnp.diagonal(t)
+        if method == "infonce":
+            return jnp.mean(diagonal - jax.nn.logsumexp(t, axis=1)) + math.log(b)
+        off = ~np.eye(b, dtype=bool)
+        return jnp.mean(diagonal) - jnp.sum(jnp.where(off, jnp.exp(t - 1.0), 0.0)) / (b * (b - 1))
+
+    def loss_of_fold(params, extra, key, fold):
+        positions = _draw_training_positions(key, bounds, fold, n, batch_size)
+        return -bound(scores(params, x[positions], y[positions])), extra
+
+    params = _init_folds(init_key, model, dim, hidden, dtype, num_folds)
+    params, final_loss, ok = _train(train_key, loss_of_fold, params, jnp.zeros((num_folds,), dtype),
+                                    num_folds=num_folds, num_steps=num_steps, learning_rate=learning_rate,
+                                    weight_decay=weight_decay, progress=progress)
+    # Held-out evaluation in consecutive chunks of batch_size pairs of each fold's own block.
+    sizes = np.diff(_bounds(n, num_folds))
+    chunk = int(min(batch_size, sizes.min()))
+    num_chunks = int(sizes.min()) // chunk
+
+    def fold_value(params, start):
+        def chunk_value(c):
+            xb = lax.dynamic_slice_in_dim(x, start + c * chunk, chunk)
+            yb = lax.dynamic_slice_in_dim(y, start + c * chunk, chunk)
+            return bound(scores(params, xb, yb))
+        return jnp.mean(lax.map(chunk_value, jnp.arange(num_chunks)))
+
+    fold_values = jax.vmap(fold_value)(params, bounds[:-1])
+    value = jnp.mean(fold_values)
+    stderr = jnp.std(fold_values, ddof=1) / math.sqrt(num_folds)
+    ok = jnp.all(ok) & jnp.isfinite(value)
+    return _finish(value, stderr, ok, fold_values, final_loss)
+
+
+def _classifier_pairs(x, y, num_shuffles: int, num_folds: int):
+    """Joint rows (x_i, y_i) and ``num_shuffles`` shuffled rows (x_i, y_j) per i, y_j from i's own fold,
+    both in fold order: returns (joint (n, dx + dy), product (n * num_shuffles, dx + dy))."""
+    n = x.shape[0]
+    bounds = _bounds(n, num_folds)
+    fold = _fold_of_position(n, num_folds)
+    start, size = bounds[:-1][fold], np.diff(bounds)[fold]
+    position = np.arange(n)
+    # Partners at cyclic shifts 1..num_shuffles within the fold's block of a random order: each
+    # shuffled pair (x_i, y_j) has i != j, and both come from the same fold.
+    partner = start[:, None] + (position[:, None] - start[:, None] + np.arange(1, num_shuffles + 1)[None, :]) \
+        % size[:, None]
+    joint = jnp.concatenate([x, y], axis=1)
+    product = jnp.concatenate([jnp.repeat(x, num_shuffles, axis=0), y[jnp.asarray(partner.reshape(-1))]], axis=1)
+    return joint, product
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation and dispatch
+# --------------------------------------------------------------------------------------------------
+
+
+def _samples(name: str, x) -> jax.Array:
+    x = as_float_array(name, x)
+    if x.ndim != 2:
+        raise ValueError(f"`{name}` must have shape (num_points, dim), got shape {x.shape}.")
+    if x.shape[1] < 1:
+        raise ValueError(f"`{name}` must have at least one coordinate, got shape {x.shape}.")
+    return x
+
+
+def _options(method, methods, model, num_folds, num_steps, batch_size, learning_rate, weight_decay, hidden,
+             function: str) -> dict:
+    if method not in methods:
+        raise ValueError(f"`method` must be one of {methods} for {function}, got {method!r}.")
+    if model not in MODELS:
+        raise ValueError(f"`model` must be one of {MODELS}, got {model!r}.")
+    check_int("num_folds", num_folds, 2)
+    check_int("num_steps", num_steps, 1)
+    check_int("batch_size", batch_size, 2)
+    if learning_rate is None:
+        learning_rate = 0.01 if (model == "quadratic" and method == "classifier") else 1e-3
+    for name, value, minimum in (("learning_rate", learning_rate, False), ("weight_decay", weight_decay, True)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
+                or not math.isfinite(value) or value < 0 or (value == 0 and not minimum):
+            raise ValueError(f"`{name}` must be a finite number {'>= 0' if minimum else '> 0'}, got {value!r}.")
+    hidden = (hidden,) if isinstance(hidden, (int, np.integer)) else tuple(hidden)
+    for width in hidden:
+        check_int("hidden", width, 1)
+    if not hidden:
+        raise ValueError("`hidden` must name at least one layer width.")
+    return {"model": model, "num_folds": int(num_folds), "num_steps": int(num_steps),
+            "batch_size": int(batch_size), "learning_rate": float(learning_rate),
+            "weight_decay": float(weight_decay), "hidden": tuple(int(w) for w in hidden)}
+
+
+def _check_fold_sizes(name: str, count: int, num_folds: int, per_fold: int = 2) -> None:
+    if count < per_fold * num_folds:
+        raise ValueError(f"`{name}` has {count} points: too few for `num_folds`={num_folds} (each fold needs at "
+                         f"least {per_fold} held-out points, so at least {per_fold * num_folds}); pass a smaller "
+                         "`num_folds` or more points.")
+
+
+def _key(key):
+    if isinstance(key, (int, np.integer)) or key is None:
+        raise TypeError(f"`key` must be a JAX PRNG key (jax.random.key(seed)), got {key!r}.")
+    return key
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(core, static: tuple):
+    return jax.jit(functools.partial(core, **dict(static)))
+
+
+def _run(core, key, arrays, static: dict) -> Estimate:
+    """Runs ``core``: jitted once per static configuration for concrete inputs, inline under a trace."""
+    if all(is_concrete(a) for a in (key,) + tuple(arrays)):
+        return _jitted(core, tuple(sorted(static.items())))(key, *arrays)
+    return core(key, *arrays, **static)
+
+
+def _permute(key, x):
+    return x[jax.random.permutation(key, x.shape[0])]
+
+
+def _with_validity(result: Estimate, *arrays) -> Estimate:
+    masks = [jnp.all(real(a)) for a in arrays]
+    return result._replace(value=nan_unless(result.value, *masks), stderr=nan_unless(result.stderr, *masks),
+                           fold_values=nan_unless(result.fold_values, *masks),
+                           final_loss=nan_unless(result.final_loss, *masks))
+
+
+def _warn_if_diverged(result: Estimate, what: str) -> None:
+    if is_concrete(result.diverged) and bool(result.diverged):
+        warnings.warn(f"kljax.ratio: the training for {what} diverged (non-finite loss or parameters); the "
+                      "estimate is NaN. Lower `learning_rate` or use method='classifier'.", RuntimeWarning,
+                      stacklevel=3)
+
+
+def kl_with_diagnostics(key, x, y, *, method: str = "classifier", model: str = "quadratic",
+                        num_folds: int = _DEFAULTS["num_folds"], num_steps: int = _DEFAULTS["num_steps"],
+                        batch_size: int = _DEFAULTS["batch_size"],
+                        learning_rate: float | None = _DEFAULTS["learning_rate"],
+                        weight_decay: float = _DEFAULTS["weight_decay"], hidden=_DEFAULTS["hidden"],
+                        progress: Callable[[int, np.ndarray], None] | None = None) -> Estimate:
+    """Cross-fitted density-ratio estimate of D(P || Q) with its diagnostics.
+
+    Args:
+        key: a JAX PRNG key (fold split, minibatches, MLP initialisation).
+        x: samples of P, shape ``(n, d)``; at least ``2 * num_folds`` rows.
+        y: samples of Q, shape ``(m, d)``; at least ``2 * num_folds`` rows.
+        method: one of :data:`KL_METHODS` (module docstring): ``"classifier"`` (default), ``"nwj"``,
+            ``"dv"`` (MINE's bias-corrected gradient).
+        model: ``"quadratic"`` (logistic regression on quadratic features, exact for Gaussians) or ``"mlp"``.
+        num_folds: cross-fitting folds K; fold k's model never sees fold k's points.
+        num_steps: optimisation steps (each fold; the folds train together).
+        batch_size: points drawn from P and from Q at every step.
+        learning_rate: Adam's initial learning rate (cosine decay to 1% of it); None: 0.01 for the
+            quadratic classifier, 1e-3 otherwise.
+        weight_decay: decoupled weight decay of ``optax.adamw``.
+        hidden: the MLP's hidden widths (``model="mlp"`` only).
+        progress: optional ``progress(step, losses)`` called (through ``jax.debug.callback``) every tenth
+            of the training with the per-fold minibatch losses.
+
+    Returns:
+        An :class:`Estimate`: ``value`` and ``stderr`` in nats (NaN when the training diverged, and NaN
+        under jit for NaN/inf inputs), ``diverged``, ``fold_values``, ``final_loss``. The floating
+        fields have the dtype of the inputs.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from kljax import ratio
+        >>> kx, ky = jax.random.split(jax.random.key(0))
+        >>> x = jax.random.normal(kx, (2000, 3))
+        >>> y = jax.random.normal(ky, (2000, 3)) + 1.0  # closed form: 3 / 2
+        >>> result = ratio.kl_with_diagnostics(jax.random.key(1), x, y)
+        >>> print(abs(float(result.value) - 1.5) < 4 * float(result.stderr), bool(result.diverged))
+        True False
+
+    References:
+        Sugiyama, Suzuki, Kanamori (2012), Density Ratio Estimation in Machine Learning, ch. 4;
+        Nguyen, Wainwright, Jordan (2010); Belghazi et al. (2018), Sec. 3.2 (module docstring).
+    """
+    key = _key(key)
+    x, y = _samples("x", x), _samples("y", y)
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"`x` and `y` must have the same dimension (last axis), got shapes {x.shape} and {y.shape}.")
+    static = _options(method, KL_METHODS, model, num_folds, num_steps, batch_size, learning_rate, weight_decay,
+                      hidden, "kl")
+    _check_fold_sizes("x", x.shape[0], static["num_folds"])
+    _check_fold_sizes("y", y.shape[0], static["num_folds"])
+    check_eagerly("x", x, real)
+    check_eagerly("y", y, real)
+    dtype = jnp.result_type(x.dtype, y.dtype)
+    x, y = x.astype(dtype), y.astype(dtype)
+    result = _run(_kl_program, key, (x, y), dict(static, method=method, progress=progress))
+    result = _with_validity(result, x, y)
+    _warn_if_diverged(result, f"kl(method={method!r})")
+    return result
+
+
+def _kl_program(key, x, y, *, method, progress, **static):
+    split_key, fit_key = jax.random.split(key)
+    key_x, key_y = jax.random.split(split_key)
+    x, y = _standardise(x, y)
+    return _two_sample_core(fit_key, _permute(key_x, x), _permute(key_y, y), method=method, progress=progress,
+                            **static)
+
+
+def kl(key, x, y, **options) -> jax.Array:
+    """Cross-fitted density-ratio (classifier) estimate of D(P || Q) in nats from x ~ P and y ~ Q.
+
+    Defaults work out of the box: a quadratic-feature logistic classifier, 5 folds, 2000 Adam steps of
+    256 + 256 points (learning rate 0.01, cosine decay). See :func:`kl_with_diagnostics` for the options
+    and the module docstring for
+    the methods.
+
+    Args:
+        key: a JAX PRNG key.
+        x: samples of P, shape ``(n, d)``.
+        y: samples of Q, shape ``(m, d)``.
+        **options: ``method``, ``model``, ``num_folds``, ``num_steps``, ``batch_size``, ``learning_rate``,
+            ``weight_decay``, ``hidden``, ``progress`` (:func:`kl_with_diagnostics`).
+
+    Returns:
+        The estimate, a scalar of the inputs' dtype; NaN (and eagerly a ``RuntimeWarning``) when the
+        training diverged.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from kljax import ratio
+        >>> kx, ky = jax.random.split(jax.random.key(0))
+        >>> x = jax.random.normal(kx, (2000, 2))
+        >>> y = 2.0 * jax.random.normal(ky, (2000, 2))  # closed form: 2 (log 2 + 1/8 - 1/2) = 0.636
+        >>> print(round(float(ratio.kl(jax.random.key(1), x, y)), 1))
+        0.6
+
+    References:
+        Sugiyama, Suzuki, Kanamori (2012), Density Ratio Estimation in Machine Learning, ch. 4.
+    """
+    return kl_with_diagnostics(key, x, y, **options).value
+
+
+def kl_with_stderr(key, x, y, **options) -> tuple[jax.Array, jax.Array]:
+    """:func:`kl` and its standard error (the larger of the per-point and the between-fold one).
+
+    Args:
+        key: a JAX PRNG key.
+        x: samples of P, shape ``(n, d)``.
+        y: samples of Q, shape ``(m, d)``.
+        **options: as for :func:`kl_with_diagnostics`.
+
+    Returns:
+        ``(estimate, stderr)`` in nats.
+
+    Example:
+        >>> import jax
+        >>> from kljax import ratio
+        >>> kx, ky = jax.random.split(jax.random.key(0))
+        >>> x, y = jax.random.normal(kx, (1000, 2)), jax.random.normal(ky, (1000, 2))
+        >>> value, stderr = ratio.kl_with_stderr(jax.random.key(1), x, y)  # P = Q: about 0
+        >>> print(abs(float(value)) < 4 * float(stderr) + 0.01)
+        True
+
+    References:
+        Chernozhukov et al. (2018), Econometrics Journal 21(1) (cross-fitting).
+    """
+    result = kl_with_diagnostics(key, x, y, **options)
+    return result.value, result.stderr
+
+
+def mutual_information_with_diagnostics(
+        key, x, y, *, method: str = "classifier", model: str = "quadratic",
+        num_folds: int = _DEFAULTS["num_folds"], num_steps: int = _DEFAULTS["num_steps"],
+        batch_size: int = _DEFAULTS["batch_size"], learning_rate: float | None = _DEFAULTS["learning_rate"],
+        weight_decay: float = _DEFAULTS["weight_decay"], hidden=_DEFAULTS["hidden"], num_shuffles: int = 4,
+        progress: Callable[[int, np.ndarray], None] | None = None) -> Estimate:
+    """Cross-fitted estimate of the mutual information I(X; Y) = D(P_XY || P_X P_Y) with diagnostics.
+
+    Args:
+        key: a JAX PRNG key.
+        x: shape ``(n, dx)``; row i is paired with row i of ``y``; at least ``2 * num_folds`` rows.
+        y: shape ``(n, dy)``.
+        method: one of :data:`MI_METHODS`: ``"classifier"`` (default; joint vs shuffled pairs),
+            ``"nwj"``, ``"infonce"`` (at most ``log(batch_size)``).
+        model: ``"quadratic"`` (exact for jointly Gaussian x, y) or ``"mlp"``, on the pair ``(x, y)``.
+        num_folds, num_steps, batch_size, learning_rate, weight_decay, hidden, progress: as for
+            :func:`kl_with_diagnostics` (``batch_size``: pairs per step; NWJ and InfoNCE score all
+            ``batch_size^2`` combinations).
+        num_shuffles: ``"classifier"`` only: shuffled pairs per joint pair (the Q sample has
+            ``n * num_shuffles`` rows). More distinct negatives cost little (the batches keep their size)
+            and curb the classifier's overfitting: 4 is the measured default (experiments.ratio_study). At
+            most (smallest fold's size - 1) are used: partners come from the pair's own fold.
+
+    Returns:
+        An :class:`Estimate` in nats.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from kljax import ratio
+        >>> rho = 0.8  # closed form: -log(1 - rho^2) / 2 = 0.511
+        >>> kx, ky = jax.random.split(jax.random.key(0))
+        >>> x = jax.random.normal(kx, (2000, 1))
+        >>> y = rho * x + jnp.sqrt(1 - rho**2) * jax.random.normal(ky, (2000, 1))
+        >>> result = ratio.mutual_information_with_diagnostics(jax.random.key(1), x, y)
+        >>> print(abs(float(result.value) - 0.511) < 4 * float(result.stderr))
+        True
+
+    References:
+        Poole et al. (2019), ICML, https://arxiv.org/abs/1905.06922; van den Oord et al. (2018).
+    """
+    key = _key(key)
+    x, y = _samples("x", x), _samples("y", y)
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"`x` and `y` must have the same number of rows (paired samples), got shapes "
+                         f"{x.shape} and {y.shape}.")
+    static = _options(method, MI_METHODS, model, num_folds, num_steps, batch_size, learning_rate, weight_decay,
+                      hidden, "mutual_information")
+    num_shuffles = check_int("num_shuffles", num_shuffles, 1)
+    _check_fold_sizes("x", x.shape[0], static["num_folds"])
+    # A shuffled partner comes from the pair's own fold: at most (smallest fold - 1) distinct ones.
+    num_shuffles = min(num_shuffles, x.shape[0] // static["num_folds"] - 1)
+    check_eagerly("x", x, real)
+    check_eagerly("y", y, real)
+    dtype = jnp.result_type(x.dtype, y.dtype)
+    x, y = x.astype(dtype), y.astype(dtype)
+    result = _run(_mi_program, key, (x, y), dict(static, method=method, progress=progress,
+                                                  num_shuffles=num_shuffles))
+    result = _with_validity(result, x, y)
+    _warn_if_diverged(result, f"mutual_information(method={method!r})")
+    return result
+
+
+def _mi_program(key, x, y, *, method, num_shuffles, progress, **static):
+    split_key, fit_key = jax.random.split(key)
+    order = jax.random.permutation(split_key, x.shape[0])
+    x, y = _standardise(x[order])[0], _standardise(y[order])[0]
+    if method == "classifier":
+        joint, product = _classifier_pairs(x, y, num_shuffles, static["num_folds"])
+        return _two_sample_core(fit_key, joint, product, method="classifier", progress=progress, **static)
+    return _pairs_core(fit_key, x, y, method=method, progress=progress, **static)
+
+
+def mutual_information(key, x, y, **options) -> jax.Array:
+    """Estimate of the mutual information I(X; Y) in nats from paired rows of ``x`` and ``y``.
+
+    Defaults: a quadratic-feature logistic classifier of joint pairs against shuffled pairs, 5 folds
+    (:func:`mutual_information_with_diagnostics` has the options).
+
+    Args:
+        key: a JAX PRNG key.
+        x: shape ``(n, dx)``.
+        y: shape ``(n, dy)``, row i paired with row i of ``x``.
+        **options: as for :func:`mutual_information_with_diagnostics`.
+
+    Returns:
+        The estimate, a scalar of the inputs' dtype (NaN when the training diverged).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from kljax import ratio
+        >>> kx, ky = jax.random.split(jax.random.key(0))
+        >>> x = jax.random.normal(kx, (2000, 2))
+        >>> y = 0.8 * x + 0.6 * jax.random.normal(ky, (2000, 2))  # closed form: -log(0.36) = 1.02
+        >>> print(round(float(ratio.mutual_information(jax.random.key(1), x, y)), 1))
+        1.0
+
+    References:
+        Poole et al. (2019), ICML, https://arxiv.org/abs/1905.06922.
+    """
+    return mutual_information_with_diagnostics(key, x, y, **options).value
+
+
+def mutual_information_with_stderr(key, x, y, **options) -> tuple[jax.Array, jax.Array]:
+    """:func:`mutual_information` and its standard error.
+
+    Args:
+        key: a JAX PRNG key.
+        x: shape ``(n, dx)``.
+        y: shape ``(n, dy)``.
+        **options: as for :func:`mutual_information_with_diagnostics`.
+
+    Returns:
+        ``(estimate, stderr)`` in nats.
+
+    Example:
+        >>> import jax
+        >>> from kljax import ratio
+        >>> kx, ky = jax.random.split(jax.random.key(0))
+        >>> x, y = jax.random.normal(kx, (1000, 2)), jax.random.normal(ky, (1000, 2))  # independent
+        >>> value, stderr = ratio.mutual_information_with_stderr(jax.random.key(1), x, y)
+        >>> print(abs(float(value)) < 4 * float(stderr) + 0.01)
+        True
+
+    References:
+        Poole et al. (2019), ICML, https://arxiv.org/abs/1905.06922.
+    """
+    result = mutual_information_with_diagnostics(key, x, y, **options)
+    return result.value, result.stderr
