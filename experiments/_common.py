@@ -31,7 +31,7 @@ def parser(name: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m experiments.{name}", description=description)
     p.add_argument("--quick", action="store_true", help="small scale (about a minute on 2 CPU cores)")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results") / name,
-                   help="output folder for metrics.json and figures (default: results/%(prog)s)")
+                   help=f"output folder for metrics.json and figures (default: results/{name})")
     p.add_argument("--seed", type=int, default=0, help="base random seed")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
