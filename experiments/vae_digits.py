@@ -1,22 +1,33 @@
-"""A VAE on scikit-learn's 8x8 digits: closed-form KL term vs Monte Carlo (k1) KL term.
+"""A VAE on scikit-learn's 8x8 digits: which KL term to train with, judged by a tighter bound than the ELBO.
 
 Data: the 1797 8x8 digits scaled to [0, 1] and binarised at 0.5 (so the Bernoulli likelihood is a proper
 density and the ELBO a bound on log p(x)); a stratified 80/20 train/test split.
-Model: z ~ N(0, I_2); x | z ~ Bernoulli(decoder(z)) on 64 pixels; q(z | x) = N(mu(x), diag sigma(x)^2);
-one-hidden-layer MLP encoder and decoder. Trained by Adam on the single-sample reparameterised ELBO
+Model: z ~ N(0, I_d) for latent sizes d (``--latents``); x | z ~ Bernoulli(decoder(z)) on 64 pixels;
+q(z | x) = N(mu(x), diag sigma(x)^2); one-hidden-layer MLP encoder and decoder. Trained by Adam on the
+single-sample reparameterised ELBO log p(x | z) - KL(q(z | x) || p(z)), z = mu + sigma * eps, with the KL
+term
 
-    log p(x | z) - KL(q(z | x) || p(z)),   z = mu + sigma * eps,
+- ``closed_form``: kljax.analytic.kl (Kingma and Welling 2014's estimator L^B);
+- ``monte_carlo_k1``: log q(z | x) - log p(z) from the same z with kljax.mc.k1 (their L^A);
+- ``stl``: the same k1 with q's parameters held fixed inside log q (sticking the landing, Roeder, Wu and
+  Duvenaud 2017: the score term, mean zero, is dropped).
 
-with the KL term either in closed form (kljax.analytic.kl; Kingma and Welling 2014's estimator L^B) or
-estimated from the same z with kljax.mc.k1: log q(z | x) - log p(z) (their L^A). Both are unbiased
-for the ELBO and its gradient; the closed form removes the KL term's sampling noise. Only encoder
-gradients differ (the decoder never sees the KL term), so gradient variance is reported per part.
-Test ELBOs use the same estimator for both runs: closed-form KL and 16 draws for log p(x | z).
+All three give unbiased gradients of the same ELBO, so what differs is gradient noise and, through it,
+where training ends. Each (latent size, KL term) is trained from the same initialisations and minibatch
+orders over several seeds (vmapped: one program per latent size). The models are judged on held-out
+images by the importance-weighted bound (IWAE, Burda, Grosse and Salakhutdinov 2016)
+
+    log p(x) >= E[log (1/K) sum_k p(x, z_k) / q(z_k | x)],   z_k ~ q(z | x),
+
+with K draws (tighter than the ELBO, which is K = 1, and approaching log p(x) as K grows), with 95% t
+intervals over seeds and paired t-tests between KL terms (a seed's runs share initialisation and data order).
 
     python -m experiments.vae_digits [--quick] --out results/vae_digits
 
 References:
     Kingma, Welling (2014). Auto-Encoding Variational Bayes. ICLR. https://arxiv.org/abs/1312.6114
+    Roeder, Wu, Duvenaud (2017). Sticking the Landing. NeurIPS. https://arxiv.org/abs/1703.09194
+    Burda, Grosse, Salakhutdinov (2016). Importance Weighted Autoencoders. ICLR. https://arxiv.org/abs/1509.00519
 """
 
 from __future__ import annotations
@@ -28,16 +39,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from scipy import stats
 
-from experiments._common import (Timer, markdown_table, parser, progress, run_main, save_figure,
+from experiments._common import (Timer, float_list, markdown_table, parser, progress, run_main, save_figure,
                                  save_metrics)
-from kljax import analytic, distributions, mc
+from kljax import analytic, distributions, mc, plot
 
-TITLE = "VAE on 8x8 digits: closed-form vs Monte Carlo KL term"
+TITLE = "VAE on 8x8 digits: closed-form vs Monte Carlo vs STL KL term, judged by the IWAE bound"
 ORDER = 53
 
-KL_TERMS = ("closed_form", "monte_carlo_k1")
-LATENT = 2
+KL_TERMS = ("closed_form", "monte_carlo_k1", "stl")
 PIXELS = 64
 
 
@@ -51,14 +62,14 @@ def load_data(seed: int):
     return train_test_split(binary, labels, test_size=0.2, random_state=seed, stratify=labels)
 
 
-def init_params(key, hidden, dtype):
-    """Encoder 64 -> hidden -> (mu, log sigma) and decoder 2 -> hidden -> 64 logits (Glorot normal)."""
+def init_params(key, hidden, dtype, latent=2):
+    """Encoder 64 -> hidden -> (mu, log sigma) and decoder latent -> hidden -> 64 logits (Glorot normal)."""
     def dense(key, fan_in, fan_out):
         scale = math.sqrt(2.0 / (fan_in + fan_out))
         return {"w": scale * jax.random.normal(key, (fan_in, fan_out), dtype), "b": jnp.zeros(fan_out, dtype)}
     keys = jax.random.split(key, 4)
-    return {"encoder": [dense(keys[0], PIXELS, hidden), dense(keys[1], hidden, 2 * LATENT)],
-            "decoder": [dense(keys[2], LATENT, hidden), dense(keys[3], hidden, PIXELS)]}
+    return {"encoder": [dense(keys[0], PIXELS, hidden), dense(keys[1], hidden, 2 * latent)],
+            "decoder": [dense(keys[2], latent, hidden), dense(keys[3], hidden, PIXELS)]}
 
 
 def _mlp(layers, x):
@@ -67,33 +78,41 @@ def _mlp(layers, x):
 
 
 def encode(params, x):
-    """q(z | x) for one image x of shape (64,)."""
+    """q(z | x) for one image x of shape (64,); the latent size is the decoder's input size."""
     out = _mlp(params["encoder"], x)
-    return distributions.MultivariateNormalDiag(out[:LATENT], jnp.exp(out[LATENT:]))
+    latent = out.shape[-1] // 2
+    return distributions.MultivariateNormalDiag(out[:latent], jnp.exp(out[latent:]))
 
 
 def decode(params, z):
-    """Bernoulli logits of the 64 pixels for one latent z of shape (2,)."""
+    """Bernoulli logits of the 64 pixels for one latent z of shape (latent,)."""
     return _mlp(params["decoder"], z)
 
 
-def _prior(dtype):
-    return distributions.MultivariateNormalDiag(jnp.zeros(LATENT, dtype), jnp.ones(LATENT, dtype))
+def _prior(latent, dtype):
+    return distributions.MultivariateNormalDiag(jnp.zeros(latent, dtype), jnp.ones(latent, dtype))
+
+
+def _kl_terms(q, prior, z):
+    """The three KL terms for one image, in KL_TERMS order (each a scalar)."""
+    q_fixed = distributions.MultivariateNormalDiag(jax.lax.stop_gradient(q.loc),
+                                                   jax.lax.stop_gradient(q.scale_diag))
+    return (analytic.kl(q, prior), mc.k1(q.log_prob(z), prior.log_prob(z)),
+            mc.k1(q_fixed.log_prob(z), prior.log_prob(z)))
 
 
 def example_elbo(params, x, key, kl_term):
-    """Single-sample ELBO estimate for one image with the named KL term."""
+    """Single-sample ELBO estimate for one image; ``kl_term`` is a name or an index into KL_TERMS
+    (an index may be traced: all three terms are cheap, and the chosen one is selected)."""
     q = encode(params, x)
-    prior = _prior(x.dtype)
+    prior = _prior(q.loc.shape[-1], x.dtype)
     z = q.sample(key)
     reconstruction = jnp.sum(distributions.Bernoulli(decode(params, z)).log_prob(x))
-    if kl_term == "closed_form":
-        kl = analytic.kl(q, prior)
-    elif kl_term == "monte_carlo_k1":
-        kl = mc.k1(q.log_prob(z), prior.log_prob(z))
-    else:
-        raise ValueError(f"unknown kl_term {kl_term!r}")
-    return reconstruction - kl
+    if isinstance(kl_term, str):
+        if kl_term not in KL_TERMS:
+            raise ValueError(f"unknown kl_term {kl_term!r}")
+        kl_term = KL_TERMS.index(kl_term)
+    return reconstruction - jnp.stack(_kl_terms(q, prior, z))[kl_term]
 
 
 def batch_loss(params, images, key, kl_term):
@@ -103,7 +122,7 @@ def batch_loss(params, images, key, kl_term):
     return -jnp.mean(elbos)
 
 
-@jax.jit
+@functools.partial(jax.jit, static_argnames="num_draws")
 def evaluate(params, images, key, num_draws=16):
     """Mean test ELBO (closed-form KL, ``num_draws`` draws for log p(x | z)) and its two parts."""
     def one(x, key):
@@ -111,12 +130,25 @@ def evaluate(params, images, key, num_draws=16):
         z = q.sample(key, (num_draws,))
         reconstruction = jnp.mean(jax.vmap(
             lambda z: jnp.sum(distributions.Bernoulli(decode(params, z)).log_prob(x)))(z))
-        return reconstruction, analytic.kl(q, _prior(x.dtype))
+        return reconstruction, analytic.kl(q, _prior(q.loc.shape[-1], x.dtype))
     reconstruction, kl = jax.vmap(one)(images, jax.random.split(key, images.shape[0]))
     return jnp.mean(reconstruction - kl), jnp.mean(reconstruction), jnp.mean(kl)
 
 
-@functools.partial(jax.jit, static_argnames="kl_term")
+@functools.partial(jax.jit, static_argnames="num_draws")
+def iwae_bound(params, images, key, num_draws):
+    """Mean over images of the importance-weighted bound log (1/K) sum_k p(x, z_k) / q(z_k | x), K draws."""
+    def one(x, key):
+        q = encode(params, x)
+        prior = _prior(q.loc.shape[-1], x.dtype)
+        z = q.sample(key, (num_draws,))
+        log_likelihood = jax.vmap(lambda z: jnp.sum(distributions.Bernoulli(decode(params, z)).log_prob(x)))(z)
+        log_weights = log_likelihood + prior.log_prob(z) - q.log_prob(z)
+        return jax.nn.logsumexp(log_weights) - math.log(num_draws)
+    return jnp.mean(jax.vmap(one)(images, jax.random.split(key, images.shape[0])))
+
+
+@jax.jit
 def _per_draw_gradients(params, images, keys, kl_term):
     return jax.vmap(lambda k: jax.grad(batch_loss)(params, images, k, kl_term))(keys)
 
@@ -126,7 +158,8 @@ def gradient_variance(params, images, key, kl_term, num_draws):
 
     Returns a dict with the encoder, decoder and total sums.
     """
-    grads = _per_draw_gradients(params, images, jax.random.split(key, num_draws), kl_term)
+    index = KL_TERMS.index(kl_term)
+    grads = _per_draw_gradients(params, images, jax.random.split(key, num_draws), index)
     part = lambda tree: float(sum(np.asarray(leaf).var(axis=0, ddof=1).sum() for leaf in jax.tree.leaves(tree)))
     encoder, decoder = part(grads["encoder"]), part(grads["decoder"])
     return {"encoder": encoder, "decoder": decoder, "total": encoder + decoder}
@@ -144,18 +177,28 @@ def reconstruct(params, images):
     return jax.nn.sigmoid(jax.vmap(lambda z: decode(params, z))(latent_means(params, images)))
 
 
-def train(key, kl_term, x_train, x_test, *, epochs, batch_size, learning_rate, hidden, eval_every,
-          checkpoints, disable_progress=True):
-    """Adam training; returns final params, curves and the params at the ``checkpoints`` epochs."""
-    dtype = x_train.dtype
-    init_key, key = jax.random.split(key)
-    params = jax.jit(init_params, static_argnums=(1, 2))(init_key, hidden, dtype)
-    optimizer = optax.adam(learning_rate)
-    state = optimizer.init(params)
-    num_batches = x_train.shape[0] // batch_size
+def train(keys, x_train, *, latent, epochs, batch_size, learning_rate, hidden, disable_progress=True):
+    """Adam training of one model per (KL term, seed), vmapped, from the same initialisation and minibatch
+    order for every KL term of a seed.
 
-    @jax.jit
-    def epoch(params, state, key):
+    Args:
+      keys: one PRNG key per seed.
+
+    Returns:
+      (initial params, final params, per-epoch mean training ELBO), params stacked over
+      (len(KL_TERMS), seeds), the curve of shape (len(KL_TERMS), seeds, epochs).
+    """
+    dtype = x_train.dtype
+    num_seeds = keys.shape[0]
+    optimizer = optax.adam(learning_rate)
+    num_batches = x_train.shape[0] // batch_size
+    init_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
+    one_seed = jax.jit(jax.vmap(lambda k: init_params(k, hidden, dtype, latent)))(init_keys)
+    params = jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, (len(KL_TERMS),) + leaf.shape), one_seed)
+    terms = jnp.broadcast_to(jnp.arange(len(KL_TERMS))[:, None], (len(KL_TERMS), num_seeds))
+    state = jax.vmap(jax.vmap(optimizer.init))(params)
+
+    def one_epoch(params, state, key, term):
         perm_key, step_key = jax.random.split(key)
         order = jax.random.permutation(perm_key, x_train.shape[0])[:num_batches * batch_size]
         batches = order.reshape(num_batches, batch_size)
@@ -163,42 +206,52 @@ def train(key, kl_term, x_train, x_test, *, epochs, batch_size, learning_rate, h
         def step(carry, inputs):
             params, state = carry
             index, k = inputs
-            loss, grads = jax.value_and_grad(batch_loss)(params, x_train[index], k, kl_term)
+            loss, grads = jax.value_and_grad(batch_loss)(params, x_train[index], k, term)
             updates, state = optimizer.update(grads, state, params)
             return (optax.apply_updates(params, updates), state), -loss
         (params, state), elbos = jax.lax.scan(step, (params, state),
                                               (batches, jax.random.split(step_key, num_batches)))
-        return params, state, elbos
+        return params, state, jnp.mean(elbos)
 
-    saved = {0: params} if 0 in checkpoints else {}
-    train_curve, test_curve = [], []
-    eval_key = jax.random.key(12345)  # the same eps for every evaluation and both runs
-    for e in progress(range(1, epochs + 1), desc=f"VAE {kl_term}", total=epochs, disable=disable_progress):
-        params, state, elbos = epoch(params, state, jax.random.fold_in(key, e))
-        train_curve.append(np.asarray(elbos))
-        if e % eval_every == 0 or e == epochs:
-            elbo, reconstruction, kl = evaluate(params, x_test, eval_key)
-            test_curve.append({"epoch": e, "elbo": float(elbo), "reconstruction": float(reconstruction),
-                               "kl": float(kl)})
-        if e in checkpoints:
-            saved[e] = params
-    return params, np.concatenate(train_curve), test_curve, saved
+    @jax.jit
+    def epoch(params, state, epoch_keys):
+        # the same key for every KL term of a seed: same minibatches and eps
+        per_seed = lambda p, s, t: jax.vmap(one_epoch)(p, s, epoch_keys, t)
+        return jax.vmap(per_seed)(params, state, terms)
+
+    initial = params
+    curve = []
+    for e in progress(range(1, epochs + 1), desc=f"VAE latent {latent}", total=epochs, disable=disable_progress):
+        params, state, elbo = epoch(params, state, jax.vmap(lambda k: jax.random.fold_in(k, e))(keys))
+        curve.append(np.asarray(elbo))
+    return initial, params, np.stack(curve, axis=-1)
 
 
 def _parse(argv):
     p = parser("vae_digits", __doc__.splitlines()[0])
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default 400; quick 60)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default 300; quick 40)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--learning-rate", type=float, default=3e-3)
     p.add_argument("--hidden", type=int, default=128, help="hidden units of encoder and decoder")
+    p.add_argument("--latents", type=float_list, default=None, help="latent sizes (default 2,8,16; quick 2,8)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per (latent, KL term) (default 5; quick 3)")
+    p.add_argument("--iwae-draws", type=int, default=None,
+                   help="K, importance samples of the test bound (default 1000; quick 200)")
     p.add_argument("--grad-draws", type=int, default=None,
                    help="eps draws per gradient-variance estimate (default 256; quick 64)")
     args = p.parse_args(argv)
-    if args.epochs is None:
-        args.epochs = 60 if args.quick else 400
-    if args.grad_draws is None:
-        args.grad_draws = 64 if args.quick else 256
+    args.epochs = args.epochs or (40 if args.quick else 300)
+    args.latents = [int(v) for v in (args.latents or ([2, 8] if args.quick else [2, 8, 16]))]
+    args.seeds = args.seeds or (3 if args.quick else 5)
+    args.iwae_draws = args.iwae_draws or (200 if args.quick else 1000)
+    args.grad_draws = args.grad_draws or (64 if args.quick else 256)
+    if args.seeds < 2:
+        p.error("--seeds must be >= 2: the comparison needs a spread over seeds")
     return args
+
+
+def _index(tree, term, seed):
+    return jax.tree.map(lambda leaf: leaf[term, seed], tree)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -206,86 +259,99 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = jnp.result_type(float)
     x_train, x_test, y_train, y_test = load_data(args.seed)
     x_train, x_test = jnp.asarray(x_train, dtype), jnp.asarray(x_test, dtype)
-    checkpoints = sorted({0, max(1, args.epochs // 10), args.epochs // 2, args.epochs})
-    eval_every = max(1, args.epochs // 30)
-    key = jax.random.key(args.seed)
-    # Same initialisation and minibatch order for both runs: only the KL term differs.
-    train_key, variance_key = jax.random.split(key)
+    seed_keys = jax.random.split(jax.random.key(args.seed), args.seeds)
+    eval_key, variance_key = jax.random.split(jax.random.key(args.seed + 10_000))
     fixed_batch = x_train[:args.batch_size]
 
-    runs, final_params = {}, {}
-    for kl_term in KL_TERMS:
+    results, latent_two = {}, None
+    for latent in args.latents:
         with Timer() as timer:
-            params, train_curve, test_curve, saved = train(
-                train_key, kl_term, x_train, x_test, epochs=args.epochs, batch_size=args.batch_size,
-                learning_rate=args.learning_rate, hidden=args.hidden, eval_every=eval_every,
-                checkpoints=checkpoints, disable_progress=args.no_progress)
-        variances = []
-        for epoch in checkpoints:
-            # Both estimators at the same parameters, batch and eps draws.
-            row = {"epoch": epoch}
-            for estimator in KL_TERMS:
-                row[estimator] = gradient_variance(saved[epoch], fixed_batch,
-                                                   jax.random.fold_in(variance_key, epoch), estimator,
-                                                   args.grad_draws)
-            variances.append(row)
-        final_params[kl_term] = params
-        runs[kl_term] = {
-            "seconds": timer.seconds,
-            "test_elbo": test_curve[-1]["elbo"],
-            "test_reconstruction": test_curve[-1]["reconstruction"],
-            "test_kl": test_curve[-1]["kl"],
-            "train_elbo_last_epoch": float(np.mean(train_curve[-(x_train.shape[0] // args.batch_size):])),
-            "test_curve": test_curve,
-            "train_curve_per_epoch": [float(v) for v in np.mean(
-                train_curve.reshape(args.epochs, -1), axis=1)],
-            "gradient_variance": variances,
-        }
+            initial, final, curve = train(seed_keys, x_train, latent=latent, epochs=args.epochs,
+                                          batch_size=args.batch_size, learning_rate=args.learning_rate,
+                                          hidden=args.hidden, disable_progress=args.no_progress)
+        per_term = {}
+        for t, term in enumerate(KL_TERMS):
+            iwae, elbo, kl = [], [], []
+            for seed in range(args.seeds):
+                params = _index(final, t, seed)
+                iwae.append(float(iwae_bound(params, x_test, eval_key, args.iwae_draws)))
+                test_elbo, _, test_kl = evaluate(params, x_test, eval_key)
+                elbo.append(float(test_elbo))
+                kl.append(float(test_kl))
+            per_term[term] = {"iwae": iwae, "elbo": elbo, "kl": kl, "train_curve": curve[t].tolist()}
+        # gradient variance of the three estimators at the same parameters (seed 0 of the closed-form run),
+        # at initialisation and at the end, same minibatch and eps draws
+        variance = {}
+        for stage, tree in (("initial", initial), ("final", final)):
+            params = _index(tree, 0, 0)
+            variance[stage] = {term: gradient_variance(params, fixed_batch, jax.random.fold_in(variance_key, latent),
+                                                       term, args.grad_draws) for term in KL_TERMS}
+        results[str(latent)] = {"terms": per_term, "gradient_variance": variance, "seconds": timer.seconds}
+        if latent == 2:
+            latent_two = {term: _index(final, t, 0) for t, term in enumerate(KL_TERMS)}
 
     metrics = {
         "config": {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
-                   "hidden": args.hidden, "latent": LATENT, "grad_draws": args.grad_draws,
-                   "checkpoints": checkpoints, "seed": args.seed, "num_train": int(x_train.shape[0]),
-                   "num_test": int(x_test.shape[0]), "likelihood": "Bernoulli on pixels binarised at 0.5"},
-        "runs": runs,
+                   "hidden": args.hidden, "latents": args.latents, "seeds": args.seeds,
+                   "iwae_draws": args.iwae_draws, "grad_draws": args.grad_draws, "seed": args.seed,
+                   "num_train": int(x_train.shape[0]), "num_test": int(x_test.shape[0]),
+                   "likelihood": "Bernoulli on pixels binarised at 0.5"},
+        "results": results,
+        "comparisons": _comparisons(results),
     }
     save_metrics(args.out, metrics)
-    _figures(metrics, final_params, x_test, np.asarray(y_test), args.out)
+    _figures(metrics, latent_two, x_test, np.asarray(y_test), args.out)
     return metrics
 
 
-def _figures(metrics, final_params, x_test, y_test, out_dir):
+def _comparisons(results):
+    """Paired t-tests of the test IWAE bound between KL terms, per latent size: the terms of a seed share
+    the initialisation, minibatches and eps, so the seeds pair the runs."""
+    rows = []
+    for latent, result in results.items():
+        for a, b in (("closed_form", "monte_carlo_k1"), ("closed_form", "stl"), ("stl", "monte_carlo_k1")):
+            x, y = np.asarray(result["terms"][a]["iwae"]), np.asarray(result["terms"][b]["iwae"])
+            test = stats.ttest_rel(x, y)
+            rows.append({"latent": int(latent), "a": a, "b": b, "difference": float(x.mean() - y.mean()),
+                         "p_value": float(test.pvalue)})
+    return rows
+
+
+def _figures(metrics, latent_two, x_test, y_test, out_dir):
     import matplotlib.pyplot as plt
 
-    runs = metrics["runs"]
+    results = metrics["results"]
+    latents = list(results)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    for kl_term, color in zip(KL_TERMS, ("C0", "C3")):
-        run = runs[kl_term]
-        epochs = np.arange(1, len(run["train_curve_per_epoch"]) + 1)
-        axes[0].plot(epochs, run["train_curve_per_epoch"], color=color, alpha=0.5, lw=1,
-                     label=f"{kl_term}: train (its own estimator)")
-        axes[0].plot([c["epoch"] for c in run["test_curve"]], [c["elbo"] for c in run["test_curve"]],
-                     "o-", ms=3, color=color, label=f"{kl_term}: test (closed-form KL)")
-        checkpoints = [row["epoch"] for row in run["gradient_variance"]]
-        for estimator, marker in zip(KL_TERMS, ("o", "s")):
-            axes[1].semilogy(checkpoints, [row[estimator]["encoder"] for row in run["gradient_variance"]],
-                             marker=marker, color=color, ls="-" if estimator == "closed_form" else "--",
-                             label=f"params of {kl_term} run, {estimator} gradient")
-    final = [runs[k]["test_elbo"] for k in KL_TERMS]
-    axes[0].set_ylim(min(final) - 15, max(final) + 5)
-    axes[0].set(xlabel="epoch", ylabel="ELBO per image (nats)", title="ELBO")
+    width = 0.8 / len(KL_TERMS)
+    for t, term in enumerate(KL_TERMS):
+        means, lows, highs = zip(*(plot.mean_interval(results[d]["terms"][term]["iwae"]) for d in latents))
+        positions = np.arange(len(latents)) + (t - 1) * width
+        axes[0].errorbar(positions, means, yerr=[np.subtract(means, lows), np.subtract(highs, means)],
+                         fmt="o", capsize=4, color=f"C{t}", label=term)
+        for i, d in enumerate(latents):
+            axes[0].scatter(np.full(len(results[d]["terms"][term]["iwae"]), positions[i]),
+                            results[d]["terms"][term]["iwae"], color=f"C{t}", s=8, alpha=0.4)
+        for d, style in zip(latents, ("-", "--", ":", "-.")):
+            curve = np.asarray(results[d]["terms"][term]["train_curve"])
+            axes[1].plot(np.arange(1, curve.shape[-1] + 1), curve.mean(axis=0), color=f"C{t}", ls=style,
+                         label=f"{term}, latent {d}")
+    axes[0].set_xticks(range(len(latents)), [f"latent {d}" for d in latents])
+    axes[0].set(ylabel=f"test IWAE bound, K = {metrics['config']['iwae_draws']} (nats per image)",
+                title="held-out bound: mean over seeds, 95% t interval (dots: seeds)")
     axes[0].legend(fontsize=8)
-    axes[1].set(xlabel="epoch (checkpoint)", ylabel="summed variance of encoder gradients",
-                title="gradient variance (fixed minibatch, eps redrawn)")
-    axes[1].legend(fontsize=7)
+    final = [np.mean(results[d]["terms"][t]["train_curve"], axis=0)[-1] for d in latents for t in KL_TERMS]
+    axes[1].set_ylim(min(final) - 15, max(final) + 5)
+    axes[1].set(xlabel="epoch", ylabel="training ELBO (its own estimator)", title="training curves (mean of seeds)")
+    axes[1].legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    save_figure(fig, out_dir, "elbo_and_gradient_variance")
+    save_figure(fig, out_dir, "iwae_by_latent")
 
+    if latent_two is None:
+        return
     shown = 10
     fig, axes = plt.subplots(1 + len(KL_TERMS), shown, figsize=(shown, 1.1 * (1 + len(KL_TERMS))))
-    rows = [("data", x_test[:shown])]
-    for kl_term in KL_TERMS:
-        rows.append((kl_term, reconstruct(final_params[kl_term], x_test[:shown])))
+    rows = [("data", x_test[:shown])] + [(term, reconstruct(latent_two[term], x_test[:shown])) for term in KL_TERMS]
     for r, (name, images) in enumerate(rows):
         for c in range(shown):
             axes[r, c].imshow(np.asarray(images[c]).reshape(8, 8), cmap="gray_r", vmin=0, vmax=1)
@@ -293,38 +359,48 @@ def _figures(metrics, final_params, x_test, y_test, out_dir):
         axes[r, 0].set_title(name, fontsize=7, loc="left")
     save_figure(fig, out_dir, "reconstructions")
 
-    fig, axes = plt.subplots(1, len(KL_TERMS), figsize=(6 * len(KL_TERMS), 5))
-    for ax, kl_term in zip(axes, KL_TERMS):
-        means = np.asarray(latent_means(final_params[kl_term], x_test))
+    fig, axes = plt.subplots(1, len(KL_TERMS), figsize=(5 * len(KL_TERMS), 4.5))
+    for ax, term in zip(axes, KL_TERMS):
+        means = np.asarray(latent_means(latent_two[term], x_test))
         scatter = ax.scatter(means[:, 0], means[:, 1], c=y_test, cmap="tab10", s=8, vmin=-0.5, vmax=9.5)
-        ax.set(title=f"test-set latent means, {kl_term} KL", xlabel="z1", ylabel="z2")
+        ax.set(title=f"latent 2, {term} KL (seed 0)", xlabel="z1", ylabel="z2")
     fig.colorbar(scatter, ax=axes, ticks=range(10), label="digit")
     save_figure(fig, out_dir, "latent")
 
 
+def _reading(metrics) -> str:
+    """The comparison's conclusion, from the paired tests (alpha = 0.05, no correction: said so)."""
+    lines = []
+    for row in metrics["comparisons"]:
+        verdict = (f"{row['a'] if row['difference'] > 0 else row['b']} is higher by {abs(row['difference']):.2f} "
+                   f"nats (p = {row['p_value']:.2g})" if row["p_value"] < 0.05 else
+                   f"no significant difference ({row['difference']:+.2f} nats, p = {row['p_value']:.2g})")
+        lines.append(f"- latent {row['latent']}, {row['a']} vs {row['b']}: {verdict}")
+    return "\n".join(lines)
+
+
 def report(metrics: dict, rel_dir) -> str:
-    runs = metrics["runs"]
-    elbo_rows = [[k, runs[k]["test_elbo"], runs[k]["test_reconstruction"], runs[k]["test_kl"],
-                  runs[k]["train_elbo_last_epoch"], runs[k]["seconds"]] for k in KL_TERMS]
-    elbos = markdown_table(["KL term in training", "test ELBO", "test reconstruction E_q log p(x ∣ z)", "test KL",
-                            "train ELBO (last epoch)", "seconds"], elbo_rows)
-    variance_rows = []
-    for kl_term in KL_TERMS:
-        for row in runs[kl_term]["gradient_variance"]:
-            closed, monte_carlo = row["closed_form"], row["monte_carlo_k1"]
-            variance_rows.append([kl_term, row["epoch"], closed["encoder"], monte_carlo["encoder"],
-                                  monte_carlo["encoder"] / closed["encoder"], closed["decoder"]])
-    variances = markdown_table(["run", "epoch", "encoder Var, closed-form KL", "encoder Var, k1 KL",
-                                "ratio k1 / closed", "decoder Var (same for both)"], variance_rows)
-    config = metrics["config"]
+    config, results = metrics["config"], metrics["results"]
+    rows = []
+    for latent, result in results.items():
+        for term in KL_TERMS:
+            values = result["terms"][term]
+            mean, low, high = plot.mean_interval(values["iwae"])
+            rows.append([latent, term, f"{mean:.2f} [{low:.2f}, {high:.2f}]", float(np.mean(values["elbo"])),
+                         float(np.mean(values["kl"])), result["gradient_variance"]["final"][term]["encoder"]])
+    table = markdown_table(["latent", "KL term", f"test IWAE (K = {config['iwae_draws']}), 95% interval",
+                            "test ELBO", "test KL", "encoder grad. Var at the end"], rows, float_format="{:.4g}")
     return (
-        f"{config['num_train']} train / {config['num_test']} test binarised digits, 2-D latent, "
-        f"{config['hidden']} hidden units, {config['epochs']} epochs of Adam (batch {config['batch_size']}). "
-        "Test ELBO (nats per image) uses the closed-form KL and 16 draws for both runs. Seconds include "
-        "compilation (the first run also compiles the shared evaluation).\n\n"
-        f"{elbos}\n\nGradient variance: summed per-parameter variance of the minibatch gradient over "
-        f"{config['grad_draws']} eps draws, same minibatch and draws for both estimators.\n\n{variances}\n\n"
-        f"![ELBO and gradient variance]({rel_dir}/elbo_and_gradient_variance.png)\n\n"
+        f"{config['num_train']} train / {config['num_test']} test binarised digits, latent sizes "
+        f"{config['latents']}, {config['hidden']} hidden units, {config['epochs']} epochs of Adam (batch "
+        f"{config['batch_size']}), {config['seeds']} seeds per cell (the three KL terms of a seed share the "
+        "initialisation, minibatches and eps). Judged by the held-out importance-weighted bound (nats per "
+        "image; higher is better), with the ELBO and KL beside it; gradient variance: summed per-parameter "
+        f"variance of the encoder's minibatch gradient over {config['grad_draws']} eps draws at the closed-form "
+        "run's final parameters (seed 0).\n\n"
+        f"{table}\n\nReading (paired t-tests over seeds, alpha = 0.05, {len(metrics['comparisons'])} comparisons "
+        "without multiplicity correction):\n\n" + _reading(metrics) + "\n\n"
+        f"![IWAE by latent size]({rel_dir}/iwae_by_latent.png)\n\n"
         f"![reconstructions]({rel_dir}/reconstructions.png)\n\n![latent]({rel_dir}/latent.png)\n"
     )
 

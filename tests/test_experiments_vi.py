@@ -342,21 +342,43 @@ def test_vae_kl_terms_agree_in_expectation():
 
 
 def test_vae_runs_and_reports(tmp_path):
-    metrics = vae_digits.main(["--quick", "--no-progress", "--out", str(tmp_path), "--epochs", "6",
-                               "--grad-draws", "16", "--hidden", "32"])
-    for name in ("elbo_and_gradient_variance.png", "reconstructions.png", "latent.png"):
+    metrics = vae_digits.main(["--quick", "--no-progress", "--out", str(tmp_path), "--epochs", "4", "--latents", "2",
+                               "--seeds", "2", "--iwae-draws", "32", "--grad-draws", "16", "--hidden", "32"])
+    for name in ("iwae_by_latent.png", "reconstructions.png", "latent.png"):
         assert (tmp_path / name).stat().st_size > 0
-    for run in metrics["runs"].values():
-        curve = [c["elbo"] for c in run["test_curve"]]
-        assert all(np.isfinite(curve))
-        assert curve[-1] > curve[0]                 # training helps on held-out images
-        assert -64 * math.log(2) - 50 < run["test_elbo"] < 0
-        for row in run["gradient_variance"]:
-            # The decoder never sees the KL term: same eps, same decoder gradients.
-            assert row["monte_carlo_k1"]["decoder"] == pytest.approx(row["closed_form"]["decoder"], rel=1e-9)
-        # At initialisation q(z | x) is close to the prior: the closed-form KL gradient is small while the
-        # k1 term adds the full score noise to the encoder.
-        first = run["gradient_variance"][0]
-        assert first["epoch"] == 0
-        assert first["monte_carlo_k1"]["encoder"] > 2 * first["closed_form"]["encoder"]
-    assert "![latent]" in vae_digits.report(metrics, "vae_digits")
+    result = metrics["results"]["2"]
+    for term in vae_digits.KL_TERMS:
+        values = result["terms"][term]
+        assert len(values["iwae"]) == 2 and all(np.isfinite(values["iwae"]))
+        curve = np.asarray(values["train_curve"])
+        assert (curve[:, -1] > curve[:, 0]).all()  # training helps
+        # the importance-weighted bound (K = 32) is tighter than the ELBO, and both bound log p(x) <= 0
+        assert np.mean(values["iwae"]) > np.mean(values["elbo"])
+        assert -64 * math.log(2) - 50 < np.mean(values["elbo"]) < np.mean(values["iwae"]) < 0
+    for stage in ("initial", "final"):
+        variance = result["gradient_variance"][stage]
+        # the decoder never sees the KL term: same eps, same decoder gradients for all three
+        for term in ("monte_carlo_k1", "stl"):
+            assert variance[term]["decoder"] == pytest.approx(variance["closed_form"]["decoder"], rel=1e-9)
+    # at initialisation q(z | x) is near the prior: k1 adds the score noise the closed form does not have
+    initial = result["gradient_variance"]["initial"]
+    assert initial["monte_carlo_k1"]["encoder"] > 2 * initial["closed_form"]["encoder"]
+    assert {(row["a"], row["b"]) for row in metrics["comparisons"]} == {
+        ("closed_form", "monte_carlo_k1"), ("closed_form", "stl"), ("stl", "monte_carlo_k1")}
+    assert "paired t-tests" in vae_digits.report(metrics, "vae_digits")
+
+
+def test_vae_stl_term_has_the_value_of_k1_and_its_expected_gradient():
+    # STL drops the score term: the same value as k1 for every eps, and the same gradient in expectation
+    x_train, _, _, _ = vae_digits.load_data(0)
+    x = jnp.asarray(x_train[0], jnp.float64)
+    params = vae_digits.init_params(jax.random.key(1), 16, jnp.float64, latent=3)
+    keys = jax.random.split(jax.random.key(2), 4000)
+    elbo = lambda p, k, term: vae_digits.example_elbo(p, x, k, term)
+    values = jax.jit(jax.vmap(lambda k: elbo(params, k, "stl") - elbo(params, k, "monte_carlo_k1")))(keys)
+    assert np.abs(np.asarray(values)).max() < 1e-12
+    grad = lambda term: jax.jit(jax.vmap(lambda k: jax.grad(elbo)(params, k, term)))(keys)
+    stl, k1 = grad("stl")["encoder"][1]["b"], grad("monte_carlo_k1")["encoder"][1]["b"]
+    difference = np.asarray(stl - k1)
+    stderr = difference.std(axis=0, ddof=1) / math.sqrt(difference.shape[0])
+    np.testing.assert_array_less(np.abs(difference.mean(axis=0)), 5 * stderr + 1e-12)
