@@ -1,87 +1,120 @@
-"""PPO with a KL penalty (fixed and adaptive beta) vs the clipped objective on CartPole, all in JAX.
+"""PPO on gymnax's Acrobot: the KL penalty's estimator (exact, sampled k1, sampled k3) against clipping.
 
-CartPole is the cart-pole of Barto, Sutton and Anderson (1983) with the constants, Euler step,
-termination (|x| > 2.4, |theta| > 12 degrees) and 500-step limit of Gym's ``CartPole-v1``. Every
-environment, seed and PPO variant is vectorised with ``jax.vmap``; the whole training is one
-``jax.jit``-compiled ``lax.scan``.
+Every arm trains the same actor-critic on ``gymnax``'s ``Acrobot-v1`` (Sutton 1996; 3 actions, reward -1
+per step until the tip swings above the bar, 500-step limit); only the policy loss differs. With three
+actions the KL to the old policy is a genuine sum the sampled estimators approximate. Its return is the
+(negative) time to swing up, which has no cap that the arms all reach early the way CartPole's 500 is
+reached; as the final return of good arms levels off within 2 * 10^5 steps, the main score is the mean
+return over training (the area under the learning curve: how fast an arm learns), reported beside
+the final return and the KL each arm allows per update.
 
-Variants (Schulman et al. 2017):
+Policy loss (to minimise) on a minibatch of the old policy's samples a ~ pi_old, ratio = pi / pi_old and
+A the normalised GAE advantage (Schulman et al. 2016):
 
-- ``clip``: L = E[min(rho A, clip(rho, 1 - eps, 1 + eps) A)], eps = 0.2 (eq. 7);
-- ``kl_fixed``: L = E[rho A - beta KL[pi_old(. | s), pi(. | s)]] with a fixed beta (eq. 8);
-- ``kl_adaptive``: the same with beta adapted after every iteration by PPO's rule
-  (``kljax.policy.adaptive_kl_coefficient``: halve when d < d_targ / 1.5, double when d > 1.5 d_targ).
+- ``none``: -E[ratio A], several epochs with no constraint at all (the unconstrained baseline);
+- ``clip``: -E[min(ratio A, clip(ratio, 1 - eps, 1 + eps) A)], eps = 0.2 (Schulman et al. 2017, eq. 7);
+- ``<penalty>, beta``: -E[ratio A] + beta * E[penalty], with the penalty one of ``kljax.policy``'s
+  placements of KL(pi || pi_ref), pi_ref = pi_old (eq. 8 with the KL written in the direction the
+  placements estimate; KL(pi || pi_old) and KL(pi_old || pi) agree to second order near pi_old):
 
-The KL to the old policy is exact over the two actions (``kljax.discrete.kl_logits``) at every visited
-state. Advantages by GAE (lambda = 0.95), normalised per minibatch; episodes that hit the time limit
-are treated as terminated (no bootstrap), as in most PPO implementations.
+  ===============  ============================================  =======================================
+  penalty          per sample (kljax.policy)                     gradient, expected over a ~ pi_old
+  ===============  ============================================  =======================================
+  ``exact``        ``exact_kl(logits, logits_old)``: the whole   grad KL(pi || pi_old), exactly, at every
+                   action distribution, no sampled action        visited state
+  ``k1_reward``    ``k1_reward``: k1 held constant times the     sum_a pi_old k1 grad log pi: the correct
+                   score (the "KL in the reward" placement)      one to first order around pi_old
+  ``k1_loss``      ``k1_loss``: k1 = log pi - log pi_old         -grad KL(pi_old || pi): with samples of
+                   differentiated directly                       pi_old, minimising it *pushes away*
+  ``k3_loss``      ``k3_loss``: (rho - 1) - log rho,             E_old[(1 - pi_old / pi) grad log pi]: a
+                   rho = pi_old / pi                             proximity penalty (0 only at pi_old)
+  ``k3_is``        ``k3_loss_is`` with the behaviour policy      grad KL(pi || pi_old): importance-
+                   pi_old                                        corrected, unbiased
+  ===============  ============================================  =======================================
+
+- ``adaptive``: the same with beta updated after every iteration by PPO's rule
+  (``kljax.policy.adaptive_kl_coefficient``: halve when d < d_targ / 1.5, double when d > 1.5 d_targ),
+  d the exact mean KL[pi_old || pi_new] over the iteration's batch, beta kept in [1e-6, 1e6].
+
+After every update the experiment measures, with ``kljax.discrete.kl_logits``, the exact mean
+KL[pi_old || pi_new] (and its reverse) over the visited states, so the effect of each estimator on the
+constraint is seen directly, and the estimator's own value on the same batch. Truncation at 500 steps
+bootstraps from the value of the final observation; termination does not.
+
+All arms and seeds form one ``jax.jit``-compiled program: the training loop is a ``lax.scan`` over
+iterations, ``jax.vmap``-ed over (arm, seed); the arm's choices are traced numbers, so one compilation
+serves them all. Every arm shares the seeds' initial weights and random streams.
 
     python -m experiments.ppo_kl --quick --out DIR
 
 References:
     J. Schulman, F. Wolski, P. Dhariwal, A. Radford and O. Klimov, "Proximal Policy Optimization
-    Algorithms", arXiv:1707.06347, 2017, eq. 7-8 and Section 4.
-    A. G. Barto, R. S. Sutton and C. W. Anderson, "Neuronlike adaptive elements that can solve
-    difficult learning control problems", IEEE Trans. SMC, 1983 (cart-pole dynamics).
+    Algorithms", arXiv:1707.06347, 2017, eq. 7-8 and Section 4 (adaptive KL coefficient).
+    J. Schulman, "Approximating KL divergence", 2020, http://joschu.net/blog/kl-approx.html (k1, k3).
+    Y. Tang and R. Munos, "On a few pitfalls in KL divergence gradient estimation for RL",
+    arXiv:2506.09477, 2025 (the gradients of the placements).
     J. Schulman et al., "High-Dimensional Continuous Control Using Generalized Advantage
     Estimation", ICLR 2016 (GAE).
+    R. S. Sutton, "Generalization in reinforcement learning: successful examples using sparse coarse
+    coding", NeurIPS 1996 (Acrobot); R. T. Lange, "gymnax: A JAX-based reinforcement learning
+    environment library", 2022, https://github.com/RobertTLange/gymnax.
+    B. L. Welch, "The generalization of Student's problem when several different population
+    variances are involved", Biometrika 34, 1947; S. Holm, "A simple sequentially rejective multiple
+    test procedure", Scand. J. Statist. 6, 1979.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments._common import Timer, markdown_table, parser, run_main, save_figure, save_metrics
-from kljax import discrete, policy
+from experiments._common import Timer, float_list, markdown_table, parser, run_main, save_figure, save_metrics
+from kljax import discrete, plot, policy
 
-TITLE = "PPO on CartPole: KL penalty (fixed and adaptive beta) vs clipping"
+TITLE = "PPO on Acrobot: exact vs sampled (k1, k3) KL penalties, adaptive beta, clipping, no constraint"
 ORDER = 42
 
-VARIANTS = ("clip", "kl_fixed", "kl_adaptive")
+ENV_NAME = "Acrobot-v1"
+PENALTIES = ("none", "exact", "k1_reward", "k1_loss", "k3_loss", "k3_is")
+ESTIMATOR_ARMS = ("exact", "k1_reward", "k1_loss", "k3_loss", "k3_is")
+LEVEL = 0.95
+ALPHA = 0.05
+BETA_MIN, BETA_MAX = 1e-6, 1e6  # the adaptive beta's range
+KL_FLOOR = 1e-12  # logs of a KL floor it here (a collapsed, deterministic policy measures KL = 0)
 
-# Gym CartPole-v1 constants.
-GRAVITY, MASS_CART, MASS_POLE, HALF_LENGTH, FORCE_MAG, TAU = 9.8, 1.0, 0.1, 0.5, 10.0, 0.02
-TOTAL_MASS = MASS_CART + MASS_POLE
-POLE_MASS_LENGTH = MASS_POLE * HALF_LENGTH
-X_THRESHOLD, THETA_THRESHOLD = 2.4, 12 * 2 * math.pi / 360
-MAX_EPISODE_STEPS = 500
 
+def make_arms(beta, kl_target, beta_sweep, kl_target_sweep, adaptive_penalties=ESTIMATOR_ARMS):
+    """The arms: name -> dict(clip, penalty, beta, adaptive, kl_target); names are unique and ordered.
 
-def cartpole_step(state, action):
-    """One Euler step of the cart-pole (state = x, x_dot, theta, theta_dot; action 0 = left, 1 = right).
-
-    Returns the next state and whether it is terminal (cart out of bounds or pole past 12 degrees).
+    Main comparison (``group="main"``): no constraint, clip, each penalty with fixed ``beta``; the
+    adaptive rule with each penalty at ``kl_target`` (``group="adaptive"``); the beta sweep (exact KL,
+    fixed beta) and the d_targ sweep (exact KL, adaptive) (``group="beta_sweep"`` / ``"kl_target_sweep"``).
     """
-    x, x_dot, theta, theta_dot = state[0], state[1], state[2], state[3]
-    force = jnp.where(action == 1, FORCE_MAG, -FORCE_MAG)
-    cos, sin = jnp.cos(theta), jnp.sin(theta)
-    temp = (force + POLE_MASS_LENGTH * theta_dot**2 * sin) / TOTAL_MASS
-    theta_acc = (GRAVITY * sin - cos * temp) / (HALF_LENGTH * (4.0 / 3.0 - MASS_POLE * cos**2 / TOTAL_MASS))
-    x_acc = temp - POLE_MASS_LENGTH * theta_acc * cos / TOTAL_MASS
-    new = jnp.stack([x + TAU * x_dot, x_dot + TAU * x_acc, theta + TAU * theta_dot, theta_dot + TAU * theta_acc])
-    terminated = (jnp.abs(new[0]) > X_THRESHOLD) | (jnp.abs(new[2]) > THETA_THRESHOLD)
-    return new, terminated
+    arms = {"none": dict(clip=False, penalty="none", beta=0.0, adaptive=False, kl_target=kl_target, group="main"),
+            "clip": dict(clip=True, penalty="none", beta=0.0, adaptive=False, kl_target=kl_target, group="main")}
+    for p in ESTIMATOR_ARMS:
+        arms[f"{p}, beta={beta:g}"] = dict(clip=False, penalty=p, beta=beta, adaptive=False, kl_target=kl_target,
+                                           group="main")
+    for p in adaptive_penalties:
+        arms[f"{p}, adaptive d_targ={kl_target:g}"] = dict(clip=False, penalty=p, beta=beta, adaptive=True,
+                                                           kl_target=kl_target, group="adaptive")
+    for b in beta_sweep:
+        name = f"exact, beta={b:g}"
+        arms.setdefault(name, dict(clip=False, penalty="exact", beta=b, adaptive=False, kl_target=kl_target,
+                                   group="beta_sweep"))
+    for d in kl_target_sweep:
+        name = f"exact, adaptive d_targ={d:g}"
+        arms.setdefault(name, dict(clip=False, penalty="exact", beta=beta, adaptive=True, kl_target=d,
+                                   group="kl_target_sweep"))
+    return arms
 
 
-def cartpole_reset(key, dtype=jnp.float32):
-    return jax.random.uniform(key, (4,), dtype, -0.05, 0.05)
-
-
-def env_step(env, action, key):
-    """Steps one environment with automatic reset; reward 1 per step (the terminal step included)."""
-    state, t = env
-    new, terminated = cartpole_step(state, action)
-    done = terminated | (t + 1 >= MAX_EPISODE_STEPS)
-    state = jnp.where(done, cartpole_reset(key, state.dtype), new)
-    return (state, jnp.where(done, 0, t + 1)), done
-
-
-# --- actor-critic ---------------------------------------------------------------------------------
+# --- actor-critic -----------------------------------------------------------------------------------
 
 
 def init_mlp(rng, sizes, out_scale):
@@ -101,84 +134,93 @@ def init_mlp(rng, sizes, out_scale):
 
 
 def mlp(layers, x):
-    """The network on a batch x of shape (n, 4)."""
+    """The network on a batch x of shape (n, d_in)."""
     for w, b in layers[:-1]:
         x = jnp.tanh(x @ w + b[None, :])
     w, b = layers[-1]
     return x @ w + b[None, :]
 
 
-def init_agent(rng, hidden=64):
-    return {"actor": init_mlp(rng, (4, hidden, hidden, 2), 0.01),
-            "critic": init_mlp(rng, (4, hidden, hidden, 1), 1.0)}
+def init_agent(rng, obs_dim, num_actions, hidden=64):
+    return {"actor": init_mlp(rng, (obs_dim, hidden, hidden, num_actions), 0.01),
+            "critic": init_mlp(rng, (obs_dim, hidden, hidden, 1), 1.0)}
 
 
 # --- PPO --------------------------------------------------------------------------------------------
 
 
-def make_train(cfg):
-    """A function (params, key, variant) -> per-iteration statistics; ``variant`` holds traced flags so
-    that all variants and seeds share one compiled program (vmap over all three)."""
+def penalty_terms(logits, logits_old, log_prob, log_prob_old):
+    """Every penalty's per-sample surrogate (a dict over ``PENALTIES[1:]``), KL(pi || pi_old) placements."""
+    return {
+        "exact": policy.exact_kl(logits, logits_old),
+        "k1_reward": policy.k1_reward(log_prob, log_prob_old),
+        "k1_loss": policy.k1_loss(log_prob, log_prob_old),
+        "k3_loss": policy.k3_loss(log_prob, log_prob_old),
+        "k3_is": policy.k3_loss_is(log_prob, log_prob_old, log_prob_old),
+    }
+
+
+def make_train(cfg, env, env_params):
+    """A function (params, key, arm) -> per-iteration statistics, ``arm`` a dict of traced numbers
+    (clip flag, penalty index into ``PENALTIES``, beta, adaptive flag, d_targ)."""
     num_envs, num_steps = cfg["num_envs"], cfg["num_steps"]
     batch = num_envs * num_steps
     minibatch = batch // cfg["num_minibatches"]
     optimizer = optax.chain(optax.clip_by_global_norm(cfg["max_grad_norm"]),
                             optax.adam(cfg["learning_rate"], eps=1e-5))
 
-    def loss_fn(params, mb, variant):
+    def loss_fn(params, mb, arm, beta):
         logits = mlp(params["actor"], mb["obs"])
-        log_probs = jax.nn.log_softmax(logits)
-        log_prob = jnp.take_along_axis(log_probs, mb["action"][:, None], axis=-1)[:, 0]
+        log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), mb["action"][:, None], axis=-1)[:, 0]
         ratio = jnp.exp(log_prob - mb["log_prob"])
         adv = (mb["advantage"] - jnp.mean(mb["advantage"])) / (jnp.std(mb["advantage"]) + 1e-8)
-        kl_to_old = jnp.mean(discrete.kl_logits(mb["logits"], logits))  # KL[pi_old(.|s), pi(.|s)], eq. 8
         clipped = jnp.minimum(ratio * adv, jnp.clip(ratio, 1 - cfg["clip_eps"], 1 + cfg["clip_eps"]) * adv)
-        policy_loss = jnp.where(variant["clip"], -jnp.mean(clipped),
-                                -jnp.mean(ratio * adv) + variant["beta"] * kl_to_old)
+        surrogate = jnp.where(arm["clip"], jnp.mean(clipped), jnp.mean(ratio * adv))
+        terms = penalty_terms(logits, mb["logits"], log_prob, mb["log_prob"])
+        penalty = jnp.stack([jnp.zeros((), jnp.float32)] + [jnp.mean(terms[p]) for p in PENALTIES[1:]])[arm["penalty"]]
         value = mlp(params["critic"], mb["obs"])[:, 0]
         value_loss = 0.5 * jnp.mean(jnp.square(value - mb["return"]))
-        return policy_loss + cfg["value_coef"] * value_loss
+        return -surrogate + beta * penalty + cfg["value_coef"] * value_loss
 
-    def rollout(params, envs, obs, key, episode_return):
+    def rollout(params, env_state, obs, key, episode_return):
         def step(carry, k):
-            envs, obs, episode_return = carry
+            env_state, obs, episode_return = carry
             k_act, k_env = jax.random.split(k)
             logits = mlp(params["actor"], obs)
             action = jax.random.categorical(k_act, logits)
             log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), action[:, None], axis=-1)[:, 0]
-            value = mlp(params["critic"], obs)[:, 0]
-            envs, done = jax.vmap(env_step)(envs, action, jax.random.split(k_env, num_envs))
-            episode_return = episode_return + 1.0
-            finished = jnp.where(done, episode_return, 0.0)
-            transition = {"obs": obs, "action": action, "log_prob": log_prob, "logits": logits, "value": value,
-                          "done": done, "finished": finished}
-            return (envs, envs[0], jnp.where(done, 0.0, episode_return)), transition
+            next_obs, env_state, reward, terminated, truncated, info = jax.vmap(
+                env.step, in_axes=(0, 0, 0, None))(jax.random.split(k_env, num_envs), env_state, action, env_params)
+            done = terminated | truncated
+            # truncation bootstraps from the value of the observation the episode ended in
+            next_value = mlp(params["critic"], info["final_observation"])[:, 0]
+            episode_return = episode_return + reward
+            transition = {"obs": obs, "action": action, "log_prob": log_prob, "logits": logits,
+                          "value": mlp(params["critic"], obs)[:, 0], "reward": reward, "next_value": next_value,
+                          "terminated": terminated, "done": done, "finished": jnp.where(done, episode_return, 0.0)}
+            return (env_state, next_obs, jnp.where(done, 0.0, episode_return)), transition
 
-        (envs, obs, episode_return), traj = jax.lax.scan(step, (envs, obs, episode_return),
-                                                         jax.random.split(key, num_steps))
-        return envs, obs, episode_return, traj
+        (env_state, obs, episode_return), traj = jax.lax.scan(step, (env_state, obs, episode_return),
+                                                              jax.random.split(key, num_steps))
+        return env_state, obs, episode_return, traj
 
-    def gae(traj, last_value):
-        def back(carry, t):
-            advantage, next_value = carry
-            nonterminal = 1.0 - t["done"].astype(jnp.float32)
-            delta = 1.0 + cfg["gamma"] * next_value * nonterminal - t["value"]
-            advantage = delta + cfg["gamma"] * cfg["gae_lambda"] * nonterminal * advantage
-            return (advantage, t["value"]), advantage
+    def gae(traj):
+        def back(advantage, t):
+            delta = t["reward"] + cfg["gamma"] * (1.0 - t["terminated"]) * t["next_value"] - t["value"]
+            advantage = delta + cfg["gamma"] * cfg["gae_lambda"] * (1.0 - t["done"]) * advantage
+            return advantage, advantage
 
-        _, advantages = jax.lax.scan(back, (jnp.zeros_like(last_value), last_value),
-                                     {"done": traj["done"], "value": traj["value"]}, reverse=True)
-        return advantages
+        fields = {k: traj[k].astype(jnp.float32) for k in ("reward", "terminated", "next_value", "value", "done")}
+        return jax.lax.scan(back, jnp.zeros(num_envs, jnp.float32), fields, reverse=True)[1]
 
-    def iteration(carry, key, variant):
-        params, opt_state, envs, obs, episode_return, beta = carry
+    def iteration(carry, key, arm):
+        params, opt_state, env_state, obs, episode_return, beta = carry
         k_roll, k_perm = jax.random.split(key)
-        envs, obs, episode_return, traj = rollout(params, envs, obs, k_roll, episode_return)
-        advantages = gae(traj, mlp(params["critic"], obs)[:, 0])
+        env_state, obs, episode_return, traj = rollout(params, env_state, obs, k_roll, episode_return)
+        advantages = gae(traj)
         data = {"obs": traj["obs"], "action": traj["action"], "log_prob": traj["log_prob"],
                 "logits": traj["logits"], "advantage": advantages, "return": advantages + traj["value"]}
         data = jax.tree_util.tree_map(lambda x: x.reshape((batch,) + x.shape[2:]), data)
-        v = {"clip": variant["clip"], "beta": beta}
 
         def epoch(state, k):
             perm = jax.random.permutation(k, batch).reshape(cfg["num_minibatches"], minibatch)
@@ -186,7 +228,7 @@ def make_train(cfg):
             def minibatch_step(state, idx):
                 params, opt_state = state
                 mb = jax.tree_util.tree_map(lambda x: x[idx], data)
-                grads = jax.grad(loss_fn)(params, mb, v)
+                grads = jax.grad(loss_fn)(params, mb, arm, beta)
                 updates, opt_state = optimizer.update(grads, opt_state, params)
                 return (optax.apply_updates(params, updates), opt_state), None
 
@@ -195,18 +237,25 @@ def make_train(cfg):
         (params, opt_state), _ = jax.lax.scan(epoch, (params, opt_state),
                                               jax.random.split(k_perm, cfg["num_epochs"]))
         new_logits = mlp(params["actor"], data["obs"])
-        kl = jnp.mean(discrete.kl_logits(data["logits"], new_logits))
-        new_beta = jnp.where(variant["adaptive"], policy.adaptive_kl_coefficient(beta, kl, cfg["kl_target"]), beta)
-        stats = {"kl": kl, "beta": beta, "episode_return_sum": jnp.sum(traj["finished"]),
-                 "episodes": jnp.sum(traj["done"])}
-        return (params, opt_state, envs, obs, episode_return, new_beta), stats
+        new_log_prob = jnp.take_along_axis(jax.nn.log_softmax(new_logits), data["action"][:, None], axis=-1)[:, 0]
+        kl_old_new = jnp.mean(discrete.kl_logits(data["logits"], new_logits))  # KL[pi_old || pi_new], eq. 8's d
+        kl_new_old = jnp.mean(discrete.kl_logits(new_logits, data["logits"]))
+        terms = penalty_terms(new_logits, data["logits"], new_log_prob, data["log_prob"])
+        estimate = jnp.stack([jnp.zeros((), jnp.float32)] + [jnp.mean(terms[p]) for p in PENALTIES[1:]])[arm["penalty"]]
+        # PPO's rule, kept inside [BETA_MIN, BETA_MAX]: halving 150 times underflows float32 to 0 (then NaN)
+        adapted = jnp.clip(policy.adaptive_kl_coefficient(beta, kl_old_new, arm["kl_target"]), BETA_MIN, BETA_MAX)
+        new_beta = jnp.where(arm["adaptive"], adapted, beta)
+        entropy = jnp.mean(discrete.entropy(jax.nn.softmax(new_logits)))
+        stats = {"kl": kl_old_new, "kl_reverse": kl_new_old, "penalty_value": estimate, "beta": beta,
+                 "entropy": entropy,
+                 "episode_return_sum": jnp.sum(traj["finished"]), "episodes": jnp.sum(traj["done"])}
+        return (params, opt_state, env_state, obs, episode_return, new_beta), stats
 
-    def train(params, key, variant):
+    def train(params, key, arm):
         k_env, k_loop = jax.random.split(key)
-        states = jax.vmap(cartpole_reset)(jax.random.split(k_env, num_envs))
-        envs = (states, jnp.zeros(num_envs, jnp.int32))
-        carry = (params, optimizer.init(params), envs, states, jnp.zeros(num_envs), variant["beta"])
-        _, stats = jax.lax.scan(lambda c, k: iteration(c, k, variant), carry,
+        obs, env_state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k_env, num_envs), env_params)
+        carry = (params, optimizer.init(params), env_state, obs, jnp.zeros(num_envs, jnp.float32), arm["beta"])
+        _, stats = jax.lax.scan(lambda c, k: iteration(c, k, arm), carry,
                                 jax.random.split(k_loop, cfg["num_iterations"]))
         return stats
 
@@ -224,148 +273,348 @@ def _forward_fill_returns(sums, counts):
     return out
 
 
+def welch(a, b):
+    """Welch's t-test of mean(a) - mean(b): (difference, t, two-sided p), Welch-Satterthwaite degrees of freedom.
+
+    Written out (rather than ``scipy.stats.ttest_ind``) so that samples without spread (every seed at
+    the floor of -500) give a defined answer: p = 1 for equal means, 0 for different ones.
+    """
+    from scipy import stats
+
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    difference = float(a.mean() - b.mean())
+    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+    se = math.sqrt(va + vb)
+    if se <= 1e-12 * max(1.0, abs(a.mean()), abs(b.mean())):
+        return difference, float("nan"), 1.0 if abs(difference) <= 1e-12 * max(1.0, abs(a.mean())) else 0.0
+    dof = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))
+    t = difference / se
+    return difference, float(t), float(2 * stats.t.sf(abs(t), dof))
+
+
+def holm(p_values):
+    """Holm's step-down adjusted p-values (family-wise error), same order as given."""
+    p = np.nan_to_num(np.asarray(p_values, float), nan=1.0)
+    order = np.argsort(p)
+    adjusted = np.empty_like(p)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p) - rank) * p[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+QUICK = {"num_seeds": 2, "num_iterations": 12, "num_envs": 8}
+FULL = {"num_seeds": 10, "num_iterations": 200, "num_envs": 8}
+
+
 def main(argv=None) -> dict:
     p = parser("ppo_kl", __doc__.splitlines()[0])
-    p.add_argument("--num-seeds", type=int, default=None, help="seeds per variant (default 4 quick, 8 full)")
-    p.add_argument("--num-iterations", type=int, default=None, help="PPO iterations (default 40 quick, 120 full)")
-    p.add_argument("--num-envs", type=int, default=8)
+    p.add_argument("--num-seeds", type=int, default=None, help=f"seeds per arm (quick {QUICK['num_seeds']}, "
+                                                               f"full {FULL['num_seeds']})")
+    p.add_argument("--num-iterations", type=int, default=None,
+                   help=f"PPO iterations (quick {QUICK['num_iterations']}, full {FULL['num_iterations']})")
+    p.add_argument("--num-envs", type=int, default=None,
+                   help=f"parallel environments (quick {QUICK['num_envs']}, full {FULL['num_envs']})")
     p.add_argument("--num-steps", type=int, default=128, help="rollout length per environment and iteration")
     p.add_argument("--num-epochs", type=int, default=4)
     p.add_argument("--num-minibatches", type=int, default=4)
-    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--learning-rate", type=float, default=2.5e-3)
     p.add_argument("--beta", type=float, default=1.0, help="fixed beta, and adaptive beta's initial value")
     p.add_argument("--kl-target", type=float, default=0.01, help="d_targ of the adaptive rule")
+    p.add_argument("--beta-sweep", type=float_list, default=[0.1, 0.3, 3.0, 10.0],
+                   help="fixed betas of the exact-KL sweep (beside --beta)")
+    p.add_argument("--kl-target-sweep", type=float_list, default=[0.003, 0.03],
+                   help="d_targ values of the adaptive exact-KL sweep (beside --kl-target)")
     p.add_argument("--clip-eps", type=float, default=0.2)
     args = p.parse_args(argv)
-    num_seeds = args.num_seeds or (4 if args.quick else 8)
-    cfg = {"num_envs": args.num_envs, "num_steps": args.num_steps, "num_epochs": args.num_epochs,
-           "num_minibatches": args.num_minibatches, "learning_rate": args.learning_rate,
-           "num_iterations": args.num_iterations or (40 if args.quick else 120), "gamma": 0.99,
-           "gae_lambda": 0.95, "clip_eps": args.clip_eps, "value_coef": 0.5, "max_grad_norm": 0.5,
+    scale = QUICK if args.quick else FULL
+    num_seeds = args.num_seeds or scale["num_seeds"]
+    cfg = {"env": ENV_NAME, "num_envs": args.num_envs or scale["num_envs"], "num_steps": args.num_steps,
+           "num_epochs": args.num_epochs, "num_minibatches": args.num_minibatches,
+           "learning_rate": args.learning_rate, "num_iterations": args.num_iterations or scale["num_iterations"],
+           "gamma": 0.99, "gae_lambda": 0.95, "clip_eps": args.clip_eps, "value_coef": 0.5, "max_grad_norm": 0.5,
            "kl_target": args.kl_target, "beta": args.beta}
     if (cfg["num_envs"] * cfg["num_steps"]) % cfg["num_minibatches"]:
         p.error("num_envs * num_steps must be divisible by num_minibatches")
+    if num_seeds < 2:
+        p.error("--num-seeds must be at least 2 (intervals and Welch tests need a spread)")
 
-    variants = {
-        "clip": {"clip": True, "adaptive": False, "beta": 0.0},
-        "kl_fixed": {"clip": False, "adaptive": False, "beta": args.beta},
-        "kl_adaptive": {"clip": False, "adaptive": True, "beta": args.beta},
-    }
-    flags = {k: jnp.asarray([variants[n][k] for n in VARIANTS for _ in range(num_seeds)])
-             for k in ("clip", "adaptive")}
-    flags["beta"] = jnp.asarray([variants[n]["beta"] for n in VARIANTS for _ in range(num_seeds)], jnp.float32)
-    # the same seeds (initial weights, environments, sampling) for every variant
-    keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(args.seed), s)
-                      for _ in VARIANTS for s in range(num_seeds)])
-    agents = [init_agent(np.random.default_rng([args.seed, s])) for _ in VARIANTS for s in range(num_seeds)]
+    import gymnax
+
+    env, env_params = gymnax.make(ENV_NAME)
+    obs_dim = int(np.prod(env.observation_space(env_params).shape))
+    num_actions = int(env.num_actions)
+    arms = make_arms(args.beta, args.kl_target, args.beta_sweep, args.kl_target_sweep)
+    names = list(arms)
+    flat = [arms[n] for n in names for _ in range(num_seeds)]
+    traced = {"clip": jnp.asarray([a["clip"] for a in flat]),
+              "penalty": jnp.asarray([PENALTIES.index(a["penalty"]) for a in flat], jnp.int32),
+              "beta": jnp.asarray([a["beta"] for a in flat], jnp.float32),
+              "adaptive": jnp.asarray([a["adaptive"] for a in flat]),
+              "kl_target": jnp.asarray([a["kl_target"] for a in flat], jnp.float32)}
+    # the same seeds (initial weights, environments, sampling) in every arm: common random numbers
+    keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(args.seed), s) for _ in names for s in range(num_seeds)])
+    agents = [init_agent(np.random.default_rng([args.seed, s]), obs_dim, num_actions)
+              for _ in names for s in range(num_seeds)]
     params = jax.tree_util.tree_map(lambda *leaves: jnp.asarray(np.stack(leaves)), *agents)
 
-    train = jax.jit(jax.vmap(make_train(cfg)))
+    train = jax.jit(jax.vmap(make_train(cfg, env, env_params)))
     with Timer() as timer:
-        stats = jax.tree_util.tree_map(np.asarray, train(params, keys, flags))
-    shape = (len(VARIANTS), num_seeds, cfg["num_iterations"])
+        stats = jax.tree_util.tree_map(np.asarray, train(params, keys, traced))
+    shape = (len(names), num_seeds, cfg["num_iterations"])
     stats = {k: v.reshape(shape).astype(float) for k, v in stats.items()}
     returns = _forward_fill_returns(stats["episode_return_sum"], stats["episodes"])
     steps_per_iteration = cfg["num_envs"] * cfg["num_steps"]
     env_steps = (np.arange(cfg["num_iterations"]) + 1) * steps_per_iteration
     tail = max(1, cfg["num_iterations"] // 10)
-    band = (args.kl_target / 1.5, args.kl_target * 1.5)
 
     results = {}
-    for v, name in enumerate(VARIANTS):
-        final = np.nanmean(returns[v, :, -tail:], axis=1)  # per seed
-        kl = stats["kl"][v]
+    for i, name in enumerate(names):
+        arm = arms[name]
+        band = (arm["kl_target"] / 1.5, arm["kl_target"] * 1.5)
+        with warnings.catch_warnings():  # a run with no finished episode yet has a NaN return (no warning)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            final = np.nanmean(returns[i, :, -tail:], axis=1)  # per seed
+            mean_curve = np.nanmean(returns[i], axis=1)  # per seed: area under the learning curve / iterations
+        kl = stats["kl"][i]
+        m, lo, hi = plot.mean_interval(final, level=LEVEL)
         results[name] = {
-            "final_return_mean": float(np.nanmean(final)),
-            "final_return_std": float(np.nanstd(final)),
+            **{k: arm[k] for k in ("group", "clip", "penalty", "beta", "adaptive", "kl_target")},
+            "final_return_mean": float(m), "final_return_interval": [float(lo), float(hi)],
             "final_return_per_seed": final,
-            "mean_kl_to_old": float(np.mean(kl)),
+            "mean_return_per_seed": mean_curve,
             "median_kl_to_old": float(np.median(kl)),
+            "mean_kl_to_old": float(np.mean(kl)),
+            "max_kl_to_old_per_seed": kl.max(axis=1),
+            "median_kl_per_seed": np.median(kl, axis=1),
+            "median_penalty_value": float(np.median(stats["penalty_value"][i])),
+            "median_kl_reverse": float(np.median(stats["kl_reverse"][i])),
+            "final_entropy_per_seed": stats["entropy"][i, :, -1],
             "fraction_in_target_band": float(np.mean((kl >= band[0]) & (kl <= band[1]))),
-            "final_beta_per_seed": stats["beta"][v, :, -1],
-            "curves": {"return_mean": np.nanmean(returns[v], axis=0), "kl_mean": kl.mean(axis=0),
-                       "beta_median": np.median(stats["beta"][v], axis=0)},
-            "per_seed": {"return": returns[v], "kl": kl, "beta": stats["beta"][v]},
+            "final_beta_per_seed": stats["beta"][i, :, -1],
+            "mean_return_interval": [float(v) for v in plot.mean_interval(mean_curve, level=LEVEL)[1:]],
+            "per_seed": {"return": returns[i], "kl": kl, "beta": stats["beta"][i], "kl_reverse": stats["kl_reverse"][i],
+                         "entropy": stats["entropy"][i],
+                         "penalty_value": stats["penalty_value"][i]},
         }
-
     metrics = {
         "config": {**cfg, "num_seeds": num_seeds, "quick": args.quick, "seed": args.seed,
-                   "env_steps_per_run": int(env_steps[-1]), "target_band": band,
-                   "final_window_iterations": tail},
+                   "num_actions": num_actions, "env_steps_per_run": int(env_steps[-1]),
+                   "final_window_iterations": tail, "beta_sweep": args.beta_sweep,
+                   "kl_target_sweep": args.kl_target_sweep, "level": LEVEL, "alpha": ALPHA},
         "env_steps": env_steps,
-        "variants": results,
+        "arms": results,
+        "comparisons": _comparisons(results, args.beta, args.kl_target),
         "seconds": timer.seconds,
-        "env_steps_per_second": float(env_steps[-1] * len(VARIANTS) * num_seeds / timer.seconds),
+        "env_steps_per_second": float(env_steps[-1] * len(names) * num_seeds / timer.seconds),
     }
     save_metrics(args.out, metrics)
     _plot(args.out, metrics)
     return metrics
 
 
+def _comparisons(results, beta, kl_target):
+    """Welch tests of final return and of the per-seed median KL per update; Holm-adjusted per family."""
+    exact = f"exact, beta={beta:g}"
+    pairs = [("clip", "none"), (exact, "none"), (exact, "clip")]
+    pairs += [(f"{p}, beta={beta:g}", exact) for p in ESTIMATOR_ARMS if p != "exact"]
+    adaptive_exact = f"exact, adaptive d_targ={kl_target:g}"
+    pairs += [(adaptive_exact, exact), (adaptive_exact, "clip")]
+    pairs += [(f"{p}, adaptive d_targ={kl_target:g}", adaptive_exact) for p in ESTIMATOR_ARMS if p != "exact"]
+    pairs = [(a, b) for a, b in pairs if a in results and b in results]
+    rows = []
+    for a, b in pairs:
+        d_ret, _, p_ret = welch(results[a]["final_return_per_seed"], results[b]["final_return_per_seed"])
+        d_auc, _, p_auc = welch(results[a]["mean_return_per_seed"], results[b]["mean_return_per_seed"])
+        log_kl_a = np.log(np.maximum(np.asarray(results[a]["median_kl_per_seed"], float), KL_FLOOR))
+        log_kl_b = np.log(np.maximum(np.asarray(results[b]["median_kl_per_seed"], float), KL_FLOOR))
+        d_kl, _, p_kl = welch(log_kl_a, log_kl_b)
+        rows.append({"a": a, "b": b, "return_difference": d_ret, "return_p": p_ret,
+                     "mean_return_difference": d_auc, "mean_return_p": p_auc,
+                     "kl_ratio": float(np.exp(d_kl)), "kl_p": p_kl})
+    for key in ("return_p", "mean_return_p", "kl_p"):
+        adjusted = holm([r[key] for r in rows]) if rows else []
+        for r, q in zip(rows, adjusted):
+            r[key + "_holm"] = float(q)
+    return rows
+
+
+COLORS = {"none": "tab:gray", "clip": "tab:blue", "exact": "black", "k1_reward": "tab:green",
+          "k1_loss": "tab:red", "k3_loss": "tab:orange", "k3_is": "tab:purple"}
+
+
+def _color(arm):
+    return COLORS["clip" if arm["clip"] else arm["penalty"]]
+
+
+def _band(ax, x, values, color, label, linestyle="-"):
+    mean, low, high = plot.mean_interval(values, axis=0, level=LEVEL)
+    ax.plot(x, mean, color=color, label=label, linestyle=linestyle, linewidth=1.3)
+    ax.fill_between(x, low, high, color=color, alpha=0.15, linewidth=0)
+
+
 def _plot(out_dir, metrics):
     import matplotlib.pyplot as plt
 
-    steps = np.asarray(metrics["env_steps"])
-    band = metrics["config"]["target_band"]
-    colors = {"clip": "tab:blue", "kl_fixed": "tab:orange", "kl_adaptive": "tab:green"}
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
-    for name, r in metrics["variants"].items():
-        ret = np.asarray(r["per_seed"]["return"], float)
-        kl = np.asarray(r["per_seed"]["kl"], float)
-        beta = np.asarray(r["per_seed"]["beta"], float)
-        c = colors[name]
-        axes[0].plot(steps, np.nanmean(ret, axis=0), color=c, label=name)
-        axes[0].fill_between(steps, np.nanpercentile(ret, 10, axis=0), np.nanpercentile(ret, 90, axis=0),
-                             color=c, alpha=0.15, linewidth=0)
-        axes[1].plot(steps, np.median(kl, axis=0), color=c, label=name)
-        axes[1].fill_between(steps, np.percentile(kl, 10, axis=0), np.percentile(kl, 90, axis=0), color=c,
-                             alpha=0.15, linewidth=0)
-        if name != "clip":
-            axes[2].plot(steps, np.median(beta, axis=0), color=c, label=name)
-            axes[2].fill_between(steps, beta.min(axis=0), beta.max(axis=0), color=c, alpha=0.15, linewidth=0)
-    axes[0].axhline(MAX_EPISODE_STEPS, color="gray", linestyle=":", linewidth=1)
-    axes[0].set_ylabel("episode return (mean over seeds, 10-90%)")
-    axes[1].axhspan(band[0], band[1], color="gray", alpha=0.2, label="target band d_targ / 1.5 .. 1.5 d_targ")
-    axes[1].axhline(metrics["config"]["kl_target"], color="gray", linestyle="--", linewidth=1)
-    axes[1].set_yscale("log")
-    axes[1].set_ylabel("KL[pi_old || pi_new] after each update (median, 10-90%)")
-    axes[2].set_yscale("log")
-    axes[2].set_ylabel("beta (median, min-max)")
-    for ax in axes:
-        ax.set_xlabel("environment steps per run")
-        ax.legend(fontsize=8)
+    steps = np.asarray(metrics["env_steps"]) / 1000
+    arms = metrics["arms"]
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+    for row, group in enumerate(("main", "adaptive")):
+        for name, r in arms.items():
+            if r["group"] != group and not (group == "adaptive" and name in ("none", "clip")):
+                continue
+            c, ls = _color(r), ("--" if r["adaptive"] else "-")
+            _band(axes[row, 0], steps, np.asarray(r["per_seed"]["return"], float), c, name, ls)
+            _band(axes[row, 1], steps, np.log10(np.maximum(np.asarray(r["per_seed"]["kl"], float), KL_FLOOR)), c,
+                  name, ls)
+            if r["adaptive"]:
+                _band(axes[row, 2], steps, np.log10(np.asarray(r["per_seed"]["beta"], float)), c, name, ls)
+        axes[row, 0].set_ylabel("episode return (mean, 95% t band)")
+        axes[row, 0].set_ylim(-510, 0)
+        axes[row, 1].set_ylabel("log10 KL[pi_old || pi_new] per update")
+        axes[row, 0].set_title(f"{group}: return", fontsize=9)
+        axes[row, 1].set_title(f"{group}: exact KL to the old policy after each update", fontsize=9)
+    d_targ = metrics["config"]["kl_target"]
+    axes[1, 1].axhspan(np.log10(d_targ / 1.5), np.log10(d_targ * 1.5), color="gray", alpha=0.2)
+    axes[1, 2].set_ylabel("log10 beta (adaptive rule)")
+    # the sweeps: final return and KL against beta / d_targ
+    ax = axes[0, 2]
+    sweep = sorted(((r["beta"], r) for r in arms.values() if r["penalty"] == "exact" and not r["adaptive"]),
+                   key=lambda item: item[0])
+    betas = np.array([b for b, _ in sweep])
+    for values, label, axis, color in (
+            ([r["mean_return_per_seed"] for _, r in sweep], "mean return over training", ax, "black"),
+            ([np.log10(np.maximum(r["median_kl_per_seed"], KL_FLOOR)) for _, r in sweep],
+             "log10 median KL per update", ax.twinx(), "tab:red")):
+        mean, low, high = plot.mean_interval(np.asarray(values, float), axis=1, level=LEVEL)
+        axis.errorbar(betas, mean, yerr=[mean - low, high - mean], color=color, marker="o", capsize=3, label=label)
+        axis.set_ylabel(label, color=color)
+    ax.set_xscale("log")
+    ax.set_title("exact KL, fixed beta sweep (95% t intervals)", fontsize=9)
+    for a in axes.flat:
+        if a is not ax:
+            a.set_xlabel("environment steps per run (thousands)")
+    ax.set_xlabel("beta")
+    for a in (axes[0, 0], axes[1, 0], axes[1, 2]):
+        a.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, out_dir, "ppo_kl")
+    fig = plot.method_comparison({n: r["final_return_per_seed"] for n, r in arms.items()},
+                                 label=f"final return ({ENV_NAME}, higher is better)", level=LEVEL)
+    save_figure(fig, out_dir, "ppo_kl_final_return")
+    fig = plot.method_comparison({n: r["mean_return_per_seed"] for n, r in arms.items()},
+                                 label=f"mean return over training ({ENV_NAME}, higher is better)", level=LEVEL)
+    save_figure(fig, out_dir, "ppo_kl_mean_return")
+
+
+def _verdict(row, key, alpha):
+    return "significant" if row[key + "_holm"] < alpha else "not significant"
+
+
+def _interval(r, key):
+    low, high = r[key + "_interval"]
+    return f"{low:.1f} .. {high:.1f}"
+
+
+def _reading(metrics):
+    cfg, arms, rows = metrics["config"], metrics["arms"], metrics["comparisons"]
+    alpha = cfg["alpha"]
+    exact = f"exact, beta={cfg['beta']:g}"
+    learning = {n: float(np.mean(r["mean_return_per_seed"])) for n, r in arms.items()}
+    best_final = max(arms, key=lambda n: arms[n]["final_return_mean"])
+    best = max(learning, key=learning.get)
+    near = [n for n in arms if arms[n]["final_return_interval"][1] >= arms[best_final]["final_return_mean"]]
+    lines = [
+        f"- Final return: the highest mean is `{best_final}` ({arms[best_final]['final_return_mean']:.1f}, "
+        f"{_interval(arms[best_final], 'final_return')}); {len(near)} of {len(arms)} arms have a 95% interval "
+        f"reaching it, so at {cfg['env_steps_per_run']} steps the final return of most arms has levelled off "
+        f"(Gym's 'solved' threshold for Acrobot is -100) and the return averaged over training, which also counts "
+        f"how fast an arm learns, is the score that separates them.",
+        f"- Mean return over training: best `{best}` ({learning[best]:.1f}, "
+        f"{_interval(arms[best], 'mean_return')}); " + ", ".join(
+            f"`{n}` {learning[n]:.1f}" for n in sorted(learning, key=learning.get, reverse=True)) + ".",
+    ]
+    floor = {n: np.asarray(r["final_return_per_seed"], float) <= -499 for n, r in arms.items()}
+    floor = {n: mask for n, mask in floor.items() if mask.any()}
+    if floor:
+        entropy = max(float(np.nanmax(np.asarray(arms[n]["final_entropy_per_seed"], float)[mask]))
+                      for n, mask in floor.items())
+        lines.append("- Seeds that end at the floor (final return <= -499): " + ", ".join(
+            f"`{n}` {int(mask.sum())}/{cfg['num_seeds']}" for n, mask in floor.items())
+            + f"; their final policy entropy is at most {entropy:.2g} nats (uniform: {np.log(3):.3f}), a collapsed, "
+            "near-deterministic policy that no longer explores.")
+    else:
+        lines.append("- No seed ends at the floor of -500.")
+    lines.append("- Comparisons (Welch tests over seeds, Holm-adjusted within each quantity):")
+    for r in rows:
+        lines.append(
+            f"  - `{r['a']}` vs `{r['b']}`: mean return over training {r['mean_return_difference']:+.1f} "
+            f"(p = {r['mean_return_p']:.2g}, Holm {r['mean_return_p_holm']:.2g}: "
+            f"{_verdict(r, 'mean_return_p', alpha)}); final return {r['return_difference']:+.1f} "
+            f"(p = {r['return_p']:.2g}, Holm {r['return_p_holm']:.2g}: {_verdict(r, 'return_p', alpha)}); "
+            f"median exact KL per update x{r['kl_ratio']:.3g} (p = {r['kl_p']:.2g}, Holm {r['kl_p_holm']:.2g}: "
+            f"{_verdict(r, 'kl_p', alpha)}).")
+    k1 = arms.get(f"k1_loss, beta={cfg['beta']:g}")
+    if k1 is not None and exact in arms:
+        lines.append(
+            f"- k1 as a loss on the old policy's samples: its value E_old[log pi - log pi_old] = -KL(pi_old || pi) "
+            f"(median logged value {k1['median_penalty_value']:.3g}) is minimised by moving away from pi_old; the "
+            f"policy's entropy ends at a median {np.median(k1['final_entropy_per_seed']):.3g} nats "
+            f"(log 3 = {np.log(3):.3f} for uniform; {np.median(arms[exact]['final_entropy_per_seed']):.3g} with the "
+            f"exact penalty), the median KL per update is {k1['median_kl_to_old']:.3g} and the final return "
+            f"{k1['final_return_mean']:.1f}: a deterministic policy no longer explores.")
+    sampled = [f"{p}, beta={cfg['beta']:g}" for p in ("k1_reward", "k3_loss", "k3_is")]
+    sampled = [n for n in sampled if n in arms]
+    if sampled and exact in arms:
+        lines.append("- Sampled penalties against the exact KL at beta = " + f"{cfg['beta']:g}: median KL per update "
+                     + ", ".join(f"`{n.split(',')[0]}` {arms[n]['median_kl_to_old']:.3g}" for n in sampled)
+                     + f" vs `exact` {arms[exact]['median_kl_to_old']:.3g} (ratios and their tests above).")
+    sweep = sorted((r["beta"], n) for n, r in arms.items() if r["penalty"] == "exact" and not r["adaptive"])
+    kls = [arms[n]["median_kl_to_old"] for _, n in sweep]
+    monotone = all(x >= y for x, y in zip(kls, kls[1:]))
+    lines.append("- Beta sweep (exact KL): median KL per update " + ", ".join(
+        f"{arms[n]['median_kl_to_old']:.3g} at beta = {b:g}" for b, n in sweep)
+        + (" (falling as beta grows)" if monotone else " (not monotone in beta)") + "; mean return over training "
+        + ", ".join(f"{learning[n]:.1f}" for _, n in sweep) + "; final return "
+        + ", ".join(f"{arms[n]['final_return_mean']:.1f}" for _, n in sweep) + ".")
+    adaptive = [(r["kl_target"], n) for n, r in arms.items() if r["adaptive"] and r["penalty"] == "exact"]
+    lines.append("- Adaptive rule (exact KL): " + "; ".join(
+        f"d_targ = {d:g}: median KL {arms[n]['median_kl_to_old']:.3g}, "
+        f"{100 * arms[n]['fraction_in_target_band']:.0f}% of updates inside [d_targ / 1.5, 1.5 d_targ], final beta "
+        f"median {np.nanmedian(arms[n]['final_beta_per_seed']):.3g} (from {cfg['beta']:g}), mean return over "
+        f"training {learning[n]:.1f}" for d, n in sorted(adaptive)) + ".")
+    return "\n".join(lines)
 
 
 def report(metrics: dict, rel_dir) -> str:
-    cfg, res = metrics["config"], metrics["variants"]
-    rows = [[name, r["final_return_mean"], r["final_return_std"], r["median_kl_to_old"],
-             r["fraction_in_target_band"], float(np.median(r["final_beta_per_seed"])) if name != "clip" else "-"]
-            for name, r in res.items()]
-    table = markdown_table(["variant", "final return (mean of seeds)", "std over seeds", "median KL to old",
-                            "fraction of updates in target band", "final beta (median)"], rows,
-                           float_format="{:.4g}")
-    best = max(res, key=lambda n: res[n]["final_return_mean"])
+    cfg, arms = metrics["config"], metrics["arms"]
+    rows = [[name, float(np.mean(r["mean_return_per_seed"])), _interval(r, "mean_return"), r["final_return_mean"],
+             _interval(r, "final_return"), r["median_kl_to_old"], r["median_penalty_value"],
+             float(np.nanmedian(r["final_entropy_per_seed"])),
+             r["fraction_in_target_band"] if r["adaptive"] else "-",
+             float(np.nanmedian(r["final_beta_per_seed"])) if r["penalty"] != "none" else "-"]
+            for name, r in arms.items()]
+    table = markdown_table(["arm", "mean return over training", "95% t interval", "final return", "95% t interval",
+                            "median exact KL[old || new] per update", "median penalty value (own estimator)",
+                            "final entropy (median)", "fraction of updates in band", "final beta (median)"],
+                           rows, float_format="{:.4g}")
     return (
-        f"CartPole-v1 dynamics in JAX; {cfg['num_seeds']} seeds per variant x {cfg['num_iterations']} iterations "
-        f"x {cfg['num_envs']} envs x {cfg['num_steps']} steps ({cfg['env_steps_per_run']} env steps per run), "
-        f"{cfg['num_epochs']} epochs x {cfg['num_minibatches']} minibatches, Adam {cfg['learning_rate']:g}; "
-        f"fixed beta = {cfg['beta']:g}, adaptive beta from {cfg['beta']:g} with d_targ = {cfg['kl_target']:g}. "
-        f"Final return = mean over the last {cfg['final_window_iterations']} iterations' finished episodes "
-        f"(maximum {MAX_EPISODE_STEPS}). All {3 * cfg['num_seeds']} runs trained in one vmapped, jitted program "
-        f"in {metrics['seconds']:.1f} s ({metrics['env_steps_per_second']:.0f} env steps/s including compilation)."
-        f"\n\n{table}\n\n"
-        f"Reading: the best final return here is `{best}` (spread over seeds is large at this scale). The "
-        "adaptive rule reacts to the KL measured after each update: beta moved from "
-        f"{cfg['beta']:g} to a median {np.median(res['kl_adaptive']['final_beta_per_seed']):.3g} and the median KL "
-        f"to the old policy is {res['kl_adaptive']['median_kl_to_old']:.4f} for d_targ = {cfg['kl_target']:g}, but "
-        f"the halve/double rule oscillates around the band rather than settling in it "
-        f"({100 * res['kl_adaptive']['fraction_in_target_band']:.0f}% of updates inside); where beta has shrunk far "
-        "below its start the penalty hardly acts and the optimiser's step size sets the KL. With a fixed beta the KL "
-        f"per update is whatever the penalty allows (median {res['kl_fixed']['median_kl_to_old']:.4f}); clipping "
-        f"bounds the probability ratio, not the KL (median {res['clip']['median_kl_to_old']:.4f}).\n\n"
-        f"![PPO learning curves, KL to the old policy, beta]({rel_dir}/ppo_kl.png)\n"
+        f"gymnax `{cfg['env']}` ({cfg['num_actions']} actions, reward -1 per step, 500-step limit): chosen because "
+        f"its three actions make the KL to the old policy a sum the sampled k1/k3 only estimate, and because its "
+        f"return keeps improving over the first 10^5 steps instead of capping at a maximum like CartPole's 500. "
+        f"{cfg['num_seeds']} seeds per arm x {cfg['num_iterations']} iterations x {cfg['num_envs']} envs x "
+        f"{cfg['num_steps']} steps ({cfg['env_steps_per_run']} env steps per run), {cfg['num_epochs']} epochs x "
+        f"{cfg['num_minibatches']} minibatches, Adam {cfg['learning_rate']:g}; penalties are kljax.policy's "
+        f"placements of KL(pi || pi_old) on the old policy's samples. Final return = mean over the last "
+        f"{cfg['final_window_iterations']} iterations' finished episodes; mean return over training = the learning "
+        f"curve's average; intervals are 95% Student-t over seeds. All {len(arms) * cfg['num_seeds']} runs trained "
+        f"in one vmapped, jitted program in {metrics['seconds']:.1f} s ({metrics['env_steps_per_second']:.0f} env "
+        f"steps/s including compilation).\n\n{table}\n\nReading (computed from the numbers above):\n\n"
+        f"{_reading(metrics)}\n\n"
+        f"![PPO learning curves, KL to the old policy, beta]({rel_dir}/ppo_kl.png)\n\n"
+        f"![mean return over training per arm]({rel_dir}/ppo_kl_mean_return.png)\n\n"
+        f"![final return per arm]({rel_dir}/ppo_kl_final_return.png)\n"
     )
 
 

@@ -1,59 +1,97 @@
-"""The PPO experiment at a small scale: CartPole's step against a NumPy transcription of Gym's equations,
-and the adaptive beta history against PPO's rule."""
+"""The PPO experiment: each penalty's expected gradient by enumeration (the module docstring's table), the
+statistics against SciPy and by hand, and a small run whose wiring is checked: common random numbers
+(beta = 0 reproduces the unconstrained arm), PPO's adaptive rule, and the logged KL values."""
 
-import math
-
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import stats
 
 from experiments import ppo_kl
+from kljax import discrete
 
 
-def _gym_cartpole_step(state, action):
-    """Gym's CartPole-v1 step (euler), transcribed in plain Python floats."""
-    gravity, masscart, masspole, length, force_mag, tau = 9.8, 1.0, 0.1, 0.5, 10.0, 0.02
-    total_mass, polemass_length = masspole + masscart, masspole * length
-    x, x_dot, theta, theta_dot = state
-    force = force_mag if action == 1 else -force_mag
-    costheta, sintheta = math.cos(theta), math.sin(theta)
-    temp = (force + polemass_length * theta_dot**2 * sintheta) / total_mass
-    thetaacc = (gravity * sintheta - costheta * temp) / (
-        length * (4.0 / 3.0 - masspole * costheta**2 / total_mass))
-    xacc = temp - polemass_length * thetaacc * costheta / total_mass
-    x, x_dot = x + tau * x_dot, x_dot + tau * xacc
-    theta, theta_dot = theta + tau * theta_dot, theta_dot + tau * thetaacc
-    terminated = x < -2.4 or x > 2.4 or theta < -12 * 2 * math.pi / 360 or theta > 12 * 2 * math.pi / 360
-    return np.array([x, x_dot, theta, theta_dot]), terminated
+@jax.jit
+def _expected_gradients(logits, logits_old):
+    """sum_a pi_old(a) grad_logits term(a), for every penalty, by enumerating the 3 actions."""
+    log_old = jax.nn.log_softmax(logits_old)
+
+    def terms(logits):  # every penalty's term at each of the 3 actions, shape (3,) per penalty
+        return ppo_kl.penalty_terms(jnp.broadcast_to(logits, (3, 3)), jnp.broadcast_to(logits_old, (3, 3)),
+                                    jax.nn.log_softmax(logits), log_old)
+
+    return {name: jnp.exp(log_old) @ jacobian for name, jacobian in jax.jacrev(terms)(logits).items()}
 
 
-def test_cartpole_matches_gym_equations():
-    import jax.numpy as jnp
+def test_penalty_gradients_match_the_table():
+    logits = jnp.array([0.4, -0.3, 0.1])
+    logits_old = jnp.array([-0.2, 0.5, 0.0])
+    pi, pi_old = np.asarray(jax.nn.softmax(logits)), np.asarray(jax.nn.softmax(logits_old))
+    score = np.eye(3) - pi[None, :]  # row a: grad_logits log pi(a)
+    k1 = np.log(pi) - np.log(pi_old)
+    got = _expected_gradients(logits, logits_old)
+    # exact and importance-corrected k3: grad KL(pi || pi_old) = sum_a pi(a) k1(a) grad log pi(a)
+    reverse = (pi * k1) @ score
+    np.testing.assert_allclose(got["exact"], reverse, atol=1e-6)
+    np.testing.assert_allclose(got["k3_is"], reverse, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(jax.grad(lambda z: discrete.kl_logits(z, logits_old))(logits)), reverse,
+                               atol=1e-6)
+    # k1 as a loss on pi_old's samples: -grad KL(pi_old || pi) = sum_a pi_old(a) grad log pi(a)
+    np.testing.assert_allclose(got["k1_loss"], pi_old @ score, atol=1e-6)
+    np.testing.assert_allclose(got["k1_loss"], -np.asarray(
+        jax.grad(lambda z: discrete.kl_logits(logits_old, z))(logits)), atol=1e-6)
+    np.testing.assert_allclose(got["k1_reward"], (pi_old * k1) @ score, atol=1e-6)
+    np.testing.assert_allclose(got["k3_loss"], (pi_old * (1 - pi_old / pi)) @ score, atol=1e-6)
+    # at pi = pi_old no penalty pushes
+    for name, g in _expected_gradients(logits_old, logits_old).items():
+        np.testing.assert_allclose(g, 0.0, atol=1e-7, err_msg=name)
 
+
+def test_welch_and_holm():
     rng = np.random.default_rng(0)
-    for _ in range(50):
-        state = rng.uniform([-2.5, -2, -0.25, -2], [2.5, 2, 0.25, 2])
-        action = int(rng.integers(2))
-        expected, expected_done = _gym_cartpole_step(state, action)
-        got, done = ppo_kl.cartpole_step(jnp.asarray(state), jnp.asarray(action))
-        np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-12, atol=1e-12)
-        assert bool(done) == expected_done
+    a, b = rng.normal(size=10), rng.normal(0.5, 2.0, size=7)
+    difference, t, p = ppo_kl.welch(a, b)
+    expected = stats.ttest_ind(a, b, equal_var=False)
+    assert difference == pytest.approx(a.mean() - b.mean())
+    assert t == pytest.approx(expected.statistic) and p == pytest.approx(expected.pvalue)
+    assert ppo_kl.welch([-500.0] * 3, [-500.0] * 3)[2] == 1.0
+    np.testing.assert_allclose(ppo_kl.holm([0.01, 0.04, 0.03]), [0.03, 0.06, 0.06])
+    np.testing.assert_allclose(ppo_kl.holm([0.5, float("nan")]), [1.0, 1.0])
 
 
-def test_ppo_smoke_and_adaptive_rule(tmp_path):
-    metrics = ppo_kl.main(["--quick", "--num-seeds", "1", "--num-iterations", "4", "--num-envs", "4",
-                           "--num-steps", "32", "--beta", "1.0", "--kl-target", "0.01", "--out", str(tmp_path),
-                           "--no-progress"])
-    res = metrics["variants"]
-    for name, r in res.items():
+def test_small_run_wiring(tmp_path):
+    metrics = ppo_kl.main(["--quick", "--num-seeds", "2", "--num-iterations", "4", "--num-envs", "2",
+                           "--num-steps", "128", "--num-minibatches", "2", "--num-epochs", "2", "--beta", "1.0",
+                           "--kl-target", "0.01", "--beta-sweep", "0", "--kl-target-sweep=",
+                           "--out", str(tmp_path), "--no-progress"])
+    arms = metrics["arms"]
+    assert {"none", "clip", "exact, beta=1", "k1_reward, beta=1", "k1_loss, beta=1", "k3_loss, beta=1",
+            "k3_is, beta=1", "exact, adaptive d_targ=0.01", "k3_is, adaptive d_targ=0.01",
+            "exact, beta=0"} <= set(arms)
+    # common random numbers: a zero penalty changes nothing, so beta = 0 is the unconstrained run
+    for key in ("kl", "kl_reverse", "entropy"):
+        np.testing.assert_array_equal(arms["exact, beta=0"]["per_seed"][key], arms["none"]["per_seed"][key])
+    for name, r in arms.items():
         kl = np.asarray(r["per_seed"]["kl"], float)
-        assert np.all(np.isfinite(kl)) and np.all(kl >= 0) and np.all(kl < 1.0), name
-        returns = np.asarray(r["per_seed"]["return"], float)
-        assert np.all((returns[np.isfinite(returns)] >= 1) & (returns[np.isfinite(returns)] <= 500))
-    assert np.all(np.asarray(res["kl_fixed"]["per_seed"]["beta"]) == 1.0)
-    beta = np.asarray(res["kl_adaptive"]["per_seed"]["beta"], float)[0]
-    kl = np.asarray(res["kl_adaptive"]["per_seed"]["kl"], float)[0]
-    for i in range(len(beta) - 1):  # PPO's rule, Schulman et al. 2017 Section 4
-        expected = beta[i] / 2 if kl[i] < 0.01 / 1.5 else beta[i] * 2 if kl[i] > 0.015 else beta[i]
-        assert beta[i + 1] == pytest.approx(expected, rel=1e-6)
-    assert (tmp_path / "ppo_kl.png").is_file()
-    assert "ppo_kl.png" in ppo_kl.report(metrics, "ppo_kl")
+        assert np.all(np.isfinite(kl)) and np.all(kl >= 0), name
+        entropy = np.asarray(r["per_seed"]["entropy"], float)
+        assert np.all((entropy >= 0) & (entropy <= np.log(3) + 1e-6)), name
+        if r["penalty"] == "exact":  # the logged penalty is the exact KL(pi_new || pi_old) of the same batch
+            np.testing.assert_allclose(r["per_seed"]["penalty_value"], r["per_seed"]["kl_reverse"], rtol=1e-4)
+        if r["penalty"] == "none":
+            assert np.all(np.asarray(r["per_seed"]["penalty_value"]) == 0)
+        if not r["adaptive"]:
+            assert np.all(np.asarray(r["per_seed"]["beta"]) == r["beta"]), name
+        else:  # PPO's rule, Schulman et al. 2017 Section 4, on the measured KL[pi_old || pi_new]
+            beta, kl_seed = np.asarray(r["per_seed"]["beta"], float), kl
+            for s in range(beta.shape[0]):
+                for i in range(beta.shape[1] - 1):
+                    b, d = beta[s, i], kl_seed[s, i]
+                    expected = b / 2 if d < 0.01 / 1.5 else b * 2 if d > 0.015 else b
+                    assert beta[s, i + 1] == pytest.approx(expected, rel=1e-6), name
+    assert len(metrics["comparisons"]) >= 8
+    text = ppo_kl.report(metrics, "ppo_kl")
+    assert "ppo_kl.png" in text and "significant" in text
+    for figure in ("ppo_kl", "ppo_kl_final_return", "ppo_kl_mean_return"):
+        assert (tmp_path / f"{figure}.png").is_file()
