@@ -169,7 +169,7 @@ def make_monitors(data: dict, config: dict) -> dict[str, tuple[DriftMonitor, obj
         "input_histogram": DriftMonitor(features["input_histogram"](x_ref), estimator="histogram",
                                         alpha=ALPHA, consecutive=CONSECUTIVE, bins=HISTOGRAM_BINS,
                                         binning="range", num_permutations=config["histogram_permutations"]),
-        "input_knn": DriftMonitor(features["input_knn"](x_ref), estimator="knn", alpha=ALPHA,
+        "input_knn": DriftMonitor(features["input_knn"](x_ref), estimator="knn", k=1, alpha=ALPHA,
                                   consecutive=CONSECUTIVE, num_permutations=config["permutations"]),
         "output_mean_kl": DriftMonitor(features["output_mean_kl"](x_ref), estimator=mean_prediction_kl,
                                        alpha=ALPHA, consecutive=CONSECUTIVE,

@@ -13,7 +13,8 @@ estimator, d * mean(log(nu_k / rho_k)) + log(m / (n - 1)) (Wang, Kulkarni and Ve
 
 Per cell (d, n, estimator) the metrics hold the mean estimate, bias, standard deviation over seeds
 and RMSE against the closed form, and per (d, n) the ratio of the default estimator's RMSE to the
-textbook WKV RMSE (target: at most 0.5).
+textbook WKV RMSE (target: at most 1.1, and at most 0.5 where WKV's squared bias exceeds its
+variance).
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ from experiments import _common
 TITLE = "kNN KL estimators: bias, spread and RMSE against the closed form"
 ORDER = 20
 
-TARGET_RATIO = 0.5  # issue 3: default RMSE at most half of textbook WKV's in every cell
+# Issue 12: in every cell the default's RMSE is at most 1.1x textbook WKV's, and at most 0.5x where
+# WKV's bias dominates (squared bias above its variance over the seeds).
+TARGET_RATIO = 0.5
+NEVER_WORSE_RATIO = 1.1
 FULL_DIMS = (1, 2, 5, 10, 20)
 FULL_SIZES = (1000, 10000)
 QUICK_DIMS = (1, 2, 5, 10)
@@ -319,8 +323,12 @@ def main(argv: list[str] | None = None) -> dict:
         default_rmse = summarize(kljax_values[default], truth)["rmse"]
         wkv_rmse = summarize(kljax_values["wkv"], truth)["rmse"] if "wkv" in kljax_values else float("nan")
         ratio = default_rmse / wkv_rmse
+        wkv_summary = summarize(kljax_values["wkv"], truth) if "wkv" in kljax_values else None
+        bias_dominates = bool(wkv_summary is not None and wkv_summary["bias"] ** 2 > wkv_summary["std"] ** 2)
+        limit = TARGET_RATIO if bias_dominates else NEVER_WORSE_RATIO
         ratios.append({"d": d, "n": n, "default": default, "default_rmse": default_rmse, "wkv_rmse": wkv_rmse,
-                       "ratio": ratio, "target_met": bool(ratio <= TARGET_RATIO)})
+                       "ratio": ratio, "wkv_bias_dominates": bias_dominates, "limit": limit,
+                       "target_met": bool(ratio <= limit)})
 
     metrics = {
         "config": {"dims": dims, "sizes": sizes, "num_seeds": num_seeds, "peer_seeds": peer_seeds, "k": args.k,
@@ -332,7 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
         "cells": cells,
         "ratios": ratios,
         "wkv_checks": checks,
-        "target": {"max_ratio": TARGET_RATIO, "cells_met": sum(r["target_met"] for r in ratios),
+        "target": {"max_ratio": TARGET_RATIO, "never_worse_ratio": NEVER_WORSE_RATIO, "cells_met": sum(r["target_met"] for r in ratios),
                    "cells_total": len(ratios), "all_met": all(r["target_met"] for r in ratios)},
     }
     _common.save_metrics(args.out, metrics)
@@ -394,7 +402,7 @@ def report(metrics: dict, rel_dir: pathlib.Path) -> str:
     ]
     header = (["d", "n", "true KL"] + [f"`{n}`" for n in cfg["estimators"]]
               + [f"`{n}` (first {cfg['peer_seeds']} sets)" for n in cfg["peers"]]
-              + ["default / WKV RMSE", "target <= 0.5"])
+              + ["default / WKV RMSE", "target (<= 0.5 where WKV's bias dominates, else <= 1.1)"])
     rows = []
     for n in cfg["sizes"]:
         for d in cfg["dims"]:
@@ -402,14 +410,16 @@ def report(metrics: dict, rel_dir: pathlib.Path) -> str:
             r = ratio_of[(d, n)]
             rows.append([d, n, f"{cells[0]['true_kl']:.3f}"]
                         + [f"{c['rmse']:.3f} ({c['bias']:+.3f})" for c in cells]
-                        + [f"{r['ratio']:.2f}", "met" if r["target_met"] else "**not met**"])
+                        + [f"{r['ratio']:.2f}", ("met" if r["target_met"] else "**not met**")
+                           + f" (<= {r['limit']:g})"])
     parts.append(_common.markdown_table(header, rows))
 
     target = metrics["target"]
     missed = [f"(d={r['d']}, n={r['n']}: {r['ratio']:.2f})" for r in metrics["ratios"] if not r["target_met"]]
     if target["all_met"]:
         parts.append(f"**Target met in all {target['cells_total']} cells**: the default estimator `{default}` has "
-                     f"at most half the RMSE of textbook WKV everywhere measured.")
+                     f"at most 1.1x the RMSE of textbook WKV everywhere measured, and at most half of it where "
+                     f"WKV's bias dominates.")
     else:
         parts.append(f"**Target met in {target['cells_met']} of {target['cells_total']} cells.** Not met at "
                      + ", ".join(missed) + ".")

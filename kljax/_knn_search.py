@@ -35,6 +35,11 @@ Design (why, not what):
 * **k-d tree.** ``method="kdtree"`` calls SciPy's ``cKDTree`` through ``jax.pure_callback`` for the
   candidate indices only; the distances are recomputed and sorted in JAX exactly as on the brute
   path, so both paths return the same numbers and gradients flow through the distances.
+* **Metrics.** ``metric="chebyshev"`` (max-norm, for the KSG mutual information) keys the tiles
+  with ``max_c (q_c - r_c)^2`` (no Gram form: the max has no matmul), whose square root is
+  ``max_c |q_c - r_c|`` exactly; the certificate, the fallback, the refinement and the sharded
+  merge are those of the Euclidean difference form; the k-d tree queries with ``p=inf``.
+  :func:`count_within` gives KSG's strict radius counts with the same arithmetic.
 * **Non-finite points** (possible only under ``jit``: eager input is validated) have no answer;
   :func:`search` returns NaN distances, with in-range placeholder indices, for every query with a
   NaN or inf coordinate, and for all queries when some reference has one (it could be, or hide,
@@ -76,6 +81,7 @@ _KDTREE_MAX_DIM = 6
 _AUTO_BLOCK = 2048
 _INDEX_DTYPE = jnp.int32
 METHODS = ("auto", "brute", "kdtree")
+METRICS = ("euclidean", "chebyshev")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -83,11 +89,14 @@ METHODS = ("auto", "brute", "kdtree")
 # ------------------------------------------------------------------------------------------------
 
 
-def _sum_squared_differences(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``sum_c (a[..., c] - b[..., c])^2`` accumulated in coordinate order (broadcasting a, b)."""
+def _sum_squared_differences(a: jax.Array, b: jax.Array, metric: str = "euclidean") -> jax.Array:
+    """Squared distance from coordinate differences (broadcasting a, b): ``sum_c (a_c - b_c)^2``
+    accumulated in coordinate order (``"euclidean"``), or ``max_c (a_c - b_c)^2``
+    (``"chebyshev"``, whose square root is ``max_c |a_c - b_c|`` exactly)."""
+    combine = jnp.maximum if metric == "chebyshev" else jnp.add
     total = jnp.square(a[..., 0] - b[..., 0])
     for c in range(1, a.shape[-1]):
-        total = total + jnp.square(a[..., c] - b[..., c])
+        total = combine(total, jnp.square(a[..., c] - b[..., c]))
     return total
 
 
@@ -97,9 +106,9 @@ def safe_sqrt(s: jax.Array) -> jax.Array:
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, s, 1)), 0)
 
 
-def _tile_squared_distances(q: jax.Array, r: jax.Array) -> jax.Array:
+def _tile_squared_distances(q: jax.Array, r: jax.Array, metric: str = "euclidean") -> jax.Array:
     """Squared distances between the rows of ``q`` (a, d) and ``r`` (b, d) from differences, (a, b)."""
-    return _sum_squared_differences(q[:, None, :], r[None, :, :])
+    return _sum_squared_differences(q[:, None, :], r[None, :, :], metric)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -271,13 +280,14 @@ def _selection_keys(values: jax.Array) -> jax.Array:
     return values.astype(jnp.float32) if jnp.finfo(values.dtype).bits > 32 else values
 
 
-def brute_candidates(queries, refs, num_candidates, *, form, block_size):
+def brute_candidates(queries, refs, num_candidates, *, form, block_size, metric="euclidean"):
     """The ``num_candidates`` smallest selection keys per query and their reference positions.
 
     Returns ``(keys, index)``, each ``(n, num_candidates)``, ascending by key (ties in any order),
     keys rounded to float32 (see :func:`_selection_keys`). ``form`` says what the keys are:
 
-    * ``"difference"``: ``sum_c (q_c - r_c)^2``, the squared distance up to rounding;
+    * ``"difference"``: the squared distance of ``metric`` from coordinate differences (see
+      :func:`_sum_squared_differences`);
     * ``"gram"``: ``|r|^2 - 2 q.r``, the squared distance less ``|q|^2`` (the same for every
       reference of a query, so the order is the same), from one matmul of ``[q, 1]`` with
       ``[-2 r, |r|^2]``: no elementwise pass over the tile before the selection.
@@ -303,7 +313,7 @@ def brute_candidates(queries, refs, num_candidates, *, form, block_size):
         if form == "gram":
             keys = jnp.matmul(q_tile, r_tile.T, precision=lax.Precision.HIGHEST)
         else:
-            keys = _tile_squared_distances(q_tile, r_tile)
+            keys = _tile_squared_distances(q_tile, r_tile, metric)
         keys = _selection_keys(keys)
         width = min(num_candidates, r_tile.shape[0])
         values, index = _smallest(keys, width)
@@ -317,7 +327,8 @@ def brute_candidates(queries, refs, num_candidates, *, form, block_size):
     return tiled_map(queries, refs, block_size, (), init, update, ref_fill=fill)
 
 
-def _exact_rows(queries, refs, k, *, exclude_self, block_size, query_offset, ref_offset):
+def _exact_rows(queries, refs, k, *, exclude_self, block_size, query_offset, ref_offset,
+                metric="euclidean"):
     """Indices (rows, k) of the k nearest ``refs`` of a few queries, selected in the input dtype
     from squared differences (exact; slower than the float32-key path, used for uncertified rows).
     References are scanned in tiles of ``block_size``, keeping a running top-k."""
@@ -329,7 +340,7 @@ def _exact_rows(queries, refs, k, *, exclude_self, block_size, query_offset, ref
 
     def body(best, ref_args):
         r_tile, r_start = ref_args
-        values = _tile_squared_distances(queries, r_tile)
+        values = _tile_squared_distances(queries, r_tile, metric)
         index = jnp.broadcast_to(r_start + jnp.arange(ref_block, dtype=_INDEX_DTYPE), values.shape)
         mask = index >= m
         if exclude_self:
@@ -345,7 +356,8 @@ def _exact_rows(queries, refs, k, *, exclude_self, block_size, query_offset, ref
     return lax.scan(body, init, (ref_tiles, starts))[0][1]
 
 
-def brute_indices(queries, refs, k, *, exclude_self, block_size, query_offset=0, ref_offset=0):
+def brute_indices(queries, refs, k, *, exclude_self, block_size, query_offset=0, ref_offset=0,
+                  metric="euclidean"):
     """Indices (n, k) of the exact k nearest ``refs`` (local positions), sorted, ties to the smaller.
 
     Fast path: tiles of selection keys (squared differences below ``_GRAM_MIN_DIM``, else the
@@ -362,16 +374,18 @@ def brute_indices(queries, refs, k, *, exclude_self, block_size, query_offset=0,
     outside). The other rows (near or exact ties at the k-th distance, strong cancellation) are
     recomputed with exact differences and exact selection in small tiles by a
     ``lax.while_loop``, which under ``vmap`` runs only as long as some batch member needs it.
+    ``metric="chebyshev"`` always takes the difference form (its keys ``max_c (q_c - r_c)^2`` have
+    less rounding than the Euclidean sum, so the same certificate holds).
     """
     queries = lax.stop_gradient(queries)
     refs = lax.stop_gradient(refs)
     n, d = queries.shape
     m = refs.shape[0]
     dtype = queries.dtype
-    offsets = dict(query_offset=query_offset, ref_offset=ref_offset)
+    offsets = dict(query_offset=query_offset, ref_offset=ref_offset, metric=metric)
     if k >= m:  # every reference, in order of (distance, index) after refinement
         return jnp.broadcast_to(jnp.arange(m, dtype=_INDEX_DTYPE), (n, m))
-    gram = d >= _GRAM_MIN_DIM
+    gram = d >= _GRAM_MIN_DIM and metric == "euclidean"
     rounded_keys = jnp.finfo(dtype).bits > 32
     if gram:
         # Centring on the reference mean removes the common offset that makes |q|^2 and |r|^2
@@ -390,7 +404,7 @@ def brute_indices(queries, refs, k, *, exclude_self, block_size, query_offset=0,
     num_candidates = min(k + 2 + k // 16 + int(exclude_self), m)
     keys, candidates = brute_candidates(tile_queries, tile_refs, num_candidates,
                                         form="gram" if gram else "difference",
-                                        block_size=block_size)
+                                        block_size=block_size, metric=metric)
     distances, candidates = refine(queries, refs, candidates, num_candidates,
                                    exclude_self=exclude_self, **offsets)
     if num_candidates == m:  # every reference is a candidate: nothing to certify
@@ -409,7 +423,7 @@ def brute_indices(queries, refs, k, *, exclude_self, block_size, query_offset=0,
 
 
 def _exact_where_uncertified(queries, refs, index, certified, k, *, exclude_self, block_size,
-                             query_offset, ref_offset):
+                             query_offset, ref_offset, metric):
     """Recomputes, with exact differences, the rows of ``index`` in tiles that hold an uncertified row."""
     n = queries.shape[0]
     rows = min(n, _FALLBACK_ROWS)
@@ -425,14 +439,15 @@ def _exact_where_uncertified(queries, refs, index, certified, k, *, exclude_self
         start = (tile * rows).astype(_INDEX_DTYPE)
         exact = _exact_rows(lax.dynamic_slice_in_dim(queries, start, rows), refs, k,
                             exclude_self=exclude_self, block_size=block_size,
-                            query_offset=query_offset + start, ref_offset=ref_offset)
+                            query_offset=query_offset + start, ref_offset=ref_offset, metric=metric)
         return lax.dynamic_update_slice_in_dim(index, exact, start, axis=0), pending.at[tile].set(False)
 
     index, _ = lax.while_loop(lambda state: jnp.any(state[1]), body, (index, pending))
     return index[:n]
 
 
-def refine(queries, refs, candidates, k, *, exclude_self, query_offset=0, ref_offset=0):
+def refine(queries, refs, candidates, k, *, exclude_self, query_offset=0, ref_offset=0,
+           metric="euclidean"):
     """Exact distances of the candidate neighbours, sorted by (distance, index), first ``k``.
 
     Distances are recomputed from coordinate differences, so they are exact up to rounding and
@@ -445,7 +460,7 @@ def refine(queries, refs, candidates, k, *, exclude_self, query_offset=0, ref_of
         own = (query_offset + jnp.arange(queries.shape[0], dtype=_INDEX_DTYPE))[:, None]
         valid = valid & (candidates + ref_offset != own)
     neighbours = jnp.take(refs, jnp.minimum(candidates, m - 1), axis=0)
-    squared = _sum_squared_differences(queries[:, None, :], neighbours)
+    squared = _sum_squared_differences(queries[:, None, :], neighbours, metric)
     distances = jnp.where(valid, safe_sqrt(squared), jnp.inf)
     return sort_by_distance(distances, candidates, k)
 
@@ -455,7 +470,7 @@ def refine(queries, refs, candidates, k, *, exclude_self, query_offset=0, ref_of
 # ------------------------------------------------------------------------------------------------
 
 
-def _kdtree_host(queries: np.ndarray, refs: np.ndarray, k: int) -> np.ndarray:
+def _kdtree_host(queries: np.ndarray, refs: np.ndarray, k: int, metric: str = "euclidean") -> np.ndarray:
     """Indices of the ``k`` nearest ``refs`` of every query, ordered by (distance, index), via cKDTree.
 
     The tree ranks by float64 distances; rows where some of the ``k + 1`` nearest are tied are
@@ -474,7 +489,8 @@ def _kdtree_host(queries: np.ndarray, refs: np.ndarray, k: int) -> np.ndarray:
     probe = min(k + 1, m)
     # balanced_tree=False (sliding midpoint) builds in about half the time and queries as fast.
     tree = cKDTree(refs, balanced_tree=False, compact_nodes=False)
-    distances, index = tree.query(queries, probe, workers=-1)
+    p = np.inf if metric == "chebyshev" else 2.0
+    distances, index = tree.query(queries, probe, p=p, workers=-1)
     distances = distances.reshape(len(queries), probe)
     index = index.reshape(len(queries), probe)
     tied = np.flatnonzero(np.any(distances[:, 1:] == distances[:, :-1], axis=1))
@@ -485,19 +501,21 @@ def _kdtree_host(queries: np.ndarray, refs: np.ndarray, k: int) -> np.ndarray:
     if probe > k:
         for row in np.flatnonzero(distances[:, k] <= distances[:, k - 1]):
             radius = distances[row, k - 1]
-            inside = np.asarray(tree.query_ball_point(queries[row], radius * (1 + 1e-12) + 1e-300),
-                                dtype=np.int64)
-            exact = np.sqrt(np.sum((refs[inside].astype(np.float64)
-                                    - queries[row].astype(np.float64)) ** 2, axis=1))
+            inside = np.asarray(tree.query_ball_point(queries[row], radius * (1 + 1e-12) + 1e-300,
+                                                      p=p), dtype=np.int64)
+            difference = refs[inside].astype(np.float64) - queries[row].astype(np.float64)
+            exact = (np.max(np.abs(difference), axis=1) if metric == "chebyshev"
+                     else np.sqrt(np.sum(difference ** 2, axis=1)))
             index[row, :k] = inside[np.lexsort((inside, exact))[:k]]
     return index[:, :k].astype(np.int32)
 
 
-def kdtree_candidates(queries, refs, k):
+def kdtree_candidates(queries, refs, k, metric="euclidean"):
     """Indices (n, k) of the ``k`` nearest ``refs`` via SciPy's cKDTree in a ``jax.pure_callback``."""
     k = min(k, refs.shape[0])
     shape = jax.ShapeDtypeStruct((queries.shape[0], k), _INDEX_DTYPE)
-    return jax.pure_callback(functools.partial(_kdtree_host, k=k), shape, lax.stop_gradient(queries),
+    return jax.pure_callback(functools.partial(_kdtree_host, k=k, metric=metric), shape,
+                             lax.stop_gradient(queries),
                              lax.stop_gradient(refs), vmap_method="sequential")
 
 
@@ -515,22 +533,22 @@ def resolve_method(method: str, d: int) -> str:
 
 
 def local_search(queries, refs, k, *, exclude_self, block_size, method, query_offset=0,
-                 ref_offset=0):
+                 ref_offset=0, metric="euclidean"):
     """Top-k (distances, global indices) of one device's problem; ``k`` may exceed ``m`` (padded)."""
     m = refs.shape[0]
     if queries.shape[0] == 0:
         return jnp.zeros((0, k), queries.dtype), jnp.zeros((0, k), _INDEX_DTYPE)
     if method == "kdtree":
-        candidates = kdtree_candidates(queries, refs, k + 1 if exclude_self else k)
+        candidates = kdtree_candidates(queries, refs, k + 1 if exclude_self else k, metric)
     else:
         candidates = brute_indices(queries, refs, min(k, m), exclude_self=exclude_self,
                                    block_size=block_size, query_offset=query_offset,
-                                   ref_offset=ref_offset)
+                                   ref_offset=ref_offset, metric=metric)
     # The final distances are recomputed outside the (non-differentiable) selection, so gradients
     # with respect to the points flow through them.
     distances, index = refine(queries, refs, candidates, min(k, candidates.shape[1]),
                               exclude_self=exclude_self, query_offset=query_offset,
-                              ref_offset=ref_offset)
+                              ref_offset=ref_offset, metric=metric)
     index = jnp.where(index < m, index + ref_offset, jnp.iinfo(_INDEX_DTYPE).max)
     if index.shape[1] < k:  # a shard with fewer than k references
         short = k - index.shape[1]
@@ -584,7 +602,8 @@ def _shard_index(mesh, axes):
     return index
 
 
-def sharded_search(queries, refs, k, *, exclude_self, block_size, method, query_split, ref_split):
+def sharded_search(queries, refs, k, *, exclude_self, block_size, method, query_split, ref_split,
+                   metric="euclidean"):
     """Search with the rows of refs (or else queries) split over a mesh; same answer as one device."""
     if ref_split is not None:
         mesh, axes = ref_split
@@ -594,7 +613,8 @@ def sharded_search(queries, refs, k, *, exclude_self, block_size, method, query_
         def per_shard(q, r):
             offset = (_shard_index(mesh, axes) * local_m).astype(_INDEX_DTYPE)
             distances, index = local_search(q, r, k, exclude_self=exclude_self,
-                                            block_size=block_size, method=method, ref_offset=offset)
+                                            block_size=block_size, method=method, ref_offset=offset,
+                                            metric=metric)
             # (n, shards * k) exact candidates with global indices; ties go to the smaller index.
             distances = lax.all_gather(distances, axes, axis=1, tiled=True)
             index = lax.all_gather(index, axes, axis=1, tiled=True)
@@ -610,7 +630,7 @@ def sharded_search(queries, refs, k, *, exclude_self, block_size, method, query_
         def per_shard(q, r):
             offset = (_shard_index(mesh, axes) * local_n).astype(_INDEX_DTYPE)
             return local_search(q, r, k, exclude_self=exclude_self, block_size=block_size,
-                                method=method, query_offset=offset)
+                                method=method, query_offset=offset, metric=metric)
 
         in_specs = (PartitionSpec(axes), PartitionSpec())
         out_specs = (PartitionSpec(axes), PartitionSpec(axes))
@@ -624,7 +644,7 @@ def sharded_search(queries, refs, k, *, exclude_self, block_size, method, query_
 
 
 def search(queries, refs, k, *, exclude_self=False, block_size=None, method="auto",
-           query_split=None, ref_split=None):
+           query_split=None, ref_split=None, metric="euclidean"):
     """Exact k-NN of one unbatched problem: (distances, int32 indices), each (n, k), ascending.
 
     ``query_split``/``ref_split`` (from :func:`row_split`, static) say how the rows are split over
@@ -635,10 +655,11 @@ def search(queries, refs, k, *, exclude_self=False, block_size=None, method="aut
     method = resolve_method(method, queries.shape[1])
     if query_split is not None or ref_split is not None:
         found = sharded_search(queries, refs, k, exclude_self=exclude_self, block_size=block_size,
-                               method=method, query_split=query_split, ref_split=ref_split)
+                               method=method, query_split=query_split, ref_split=ref_split,
+                               metric=metric)
     else:
         found = local_search(queries, refs, k, exclude_self=exclude_self, block_size=block_size,
-                             method=method)
+                             method=method, metric=metric)
     return unknown_as_nan(queries, refs, *found)
 
 
@@ -687,3 +708,28 @@ def ball_statistics(queries, refs, radius, *, exclude_self=False, block_size=Non
 
     count, largest = tiled_map(queries, refs, block_size, limit, init, update)
     return count, safe_sqrt(largest)
+
+
+def count_within(queries, refs, radius, *, metric="euclidean", exclude_self=False, block_size=None):
+    """For each query: how many ``refs`` lie at a distance *strictly* below ``radius`` (n,).
+
+    The radius counts of the Kraskov-Stoegbauer-Grassberger estimator (2004, eq. 8: points with
+    ``||z_j - z_i|| < eps_i``). Brute force over tiles of about ``block_size^2`` entries with the
+    difference form of ``metric``, the same arithmetic as :func:`refine`, so a distance that equals
+    ``radius`` there (e.g. the point that defines it) is not counted. Memory as for the search.
+    """
+    m = refs.shape[0]
+    queries = lax.stop_gradient(queries)
+    refs = lax.stop_gradient(refs)
+    limit = jnp.square(lax.stop_gradient(radius))
+
+    def init(query_block):
+        return jnp.zeros((query_block,), _INDEX_DTYPE)
+
+    def update(count, q_tile, limit_tile, r_tile, q_start, r_start):
+        squared = _tile_squared_distances(q_tile, r_tile, metric)
+        mask = _tile_mask(q_start, r_start, q_tile.shape[0], r_tile.shape[0], m, exclude_self, 0, 0)
+        inside = (squared < limit_tile[:, None]) & ~mask
+        return count + jnp.sum(inside, axis=1, dtype=_INDEX_DTYPE)
+
+    return tiled_map(queries, refs, block_size, limit, init, update)

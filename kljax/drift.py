@@ -1,29 +1,51 @@
-"""Two-sample drift statistics: KL estimates with permutation p-values, and a stream monitor.
+"""Two-sample drift statistics: permutation tests of a reference against a window, and a stream monitor.
 
 A drift check asks whether a production window ``y`` (m samples) still comes from the distribution of a
-reference sample ``x`` (n samples). The statistic is a KL estimate D(P_x || P_y); its null distribution
-is unknown (estimator bias depends on n, m, the dimension and the data), so the p-value comes from
-permutations of the pooled sample instead of an asymptotic formula.
+reference sample ``x`` (n samples). The statistic (a KL estimate, or a baseline such as the energy
+distance) has an unknown null distribution, so the p-value comes from permutations of the pooled sample.
 
-Why the permutation p-value is valid. Under H0 (no drift) the n + m pooled points are exchangeable, so
-the observed split and B uniformly random re-splits of the pool are B + 1 exchangeable draws of the
-statistic. The rank of the observed value among them is then (super-)uniform, and
-
-    p = (1 + #{b : T_b >= T_obs}) / (1 + B)
-
-satisfies P(p <= alpha) <= alpha for every alpha and every B, with equality at alpha = j / (B + 1)
-when the statistic has no ties (Phipson & Smyth, 2010, eq. 2). Leaving out the "+ 1"s gives p = 0 with
-positive probability and an anti-conservative test. Ties (counted as exceedances) only make it
-conservative. Exchangeability also requires that anything the statistic is tuned on (here: histogram
-bin edges) is either a symmetric function of the pool or independent of both samples; see
-:func:`kl_permutation_test` and :class:`DriftMonitor`.
+Rules.
+    * The p-value is p = (1 + #{b : T_b >= T_obs}) / (1 + B). Under H0 the pooled points are
+      exchangeable, the observed and the B re-split statistics are exchangeable, and
+      P(p <= alpha) <= alpha for every alpha and B (Phipson & Smyth, 2010, eq. 2). Ties count as
+      exceedances (conservative). An observed +inf is exceeded by every permuted +inf, so a statistic
+      that is +inf on every split gives p = 1, never a small p-value.
+    * Statistics are values: :class:`KnnKL`, :class:`HistogramKL`, :class:`CategoricalKL`,
+      :class:`EnergyDistance`, or any callable ``statistic(x, y) -> array``. A statistic value
+      ``prepare``\\ s the pooled sample once (distances, neighbour lists, bins) and ``evaluate``\\ s a
+      batch of re-labellings of it, so a permutation never recomputes what does not depend on the labels.
+      The permutation core (:func:`permutation_test`) is the same for all.
+    * Bad values: eagerly (concrete inputs) NaN or +-inf samples raise ``ValueError`` naming the argument;
+      under ``jit`` they give a NaN statistic and a NaN p-value. Too few rows for a statistic is a shape
+      problem and raises at trace time as well.
+    * Several p-values (one per feature): :func:`adjust_p_values` (Bonferroni, valid under any dependence;
+      Benjamini-Hochberg, whose smallest adjusted value is Simes' global p-value, valid under positive
+      dependence). The window's p-value is the smallest adjusted one.
+    * Stream alarms: an alarm needs ``consecutive`` = r significant windows in a row. The significance of a
+      window whose p-value is NaN (possible only under ``jit``) is *unknown*, and the alarm follows
+      Kleene's three-valued logic: 1.0 when the last r windows are all significant, 0.0 when one of them
+      is not, NaN (unknown) otherwise. An unscorable window neither resets nor extends the run silently.
+      With per-window level alpha and independent windows, the expected number of windows to the first
+      false alarm is ARL_0 = (1 - alpha^r) / ((1 - alpha) alpha^r) (the waiting time for r successes in a
+      row; 420 windows at alpha = 0.05, r = 2); :func:`expected_windows_to_false_alarm`. Windows share
+      the reference, which correlates them; ``experiments/drift_monitor`` measures the rate.
 
 Statistics:
-    * ``"histogram"``: per-feature (marginal) histogram KL with fixed bin edges and a pseudocount
+    * :class:`KnnKL`: the Wang-Kulkarni-Verdu (2009, eq. 5) k-nearest-neighbour estimate of D(P_x || P_y)
+      (optionally symmetrised, D(P_x||P_y) + D(P_y||P_x)). Fast permutation path for any k: a re-split
+      only relabels the pooled points, so each point's neighbour list in the pool (K entries, from
+      :func:`kljax.knn.neighbors`) is computed once, and per re-split the k-th nearest point labelled x
+      and labelled y are read off the list with a cumulative count of labels: O(N K) per permutation,
+      whatever k and d. K is chosen so that a random relabelling leaves fewer than k points of one
+      label in a list with probability about 1e-9 per point; when it happens (and on the observed split
+      of a strong drift) that chunk of splits is recomputed exactly by brute force, so the result never
+      depends on K.
+    * :class:`HistogramKL`: per-feature (marginal) histogram KL on fixed bin edges with a pseudocount
       (:func:`bin_edges`, :func:`feature_histogram_kl`); one p-value per feature.
-    * ``"knn"``: the multivariate k-nearest-neighbour estimator :func:`kljax.knn.kl`; one p-value.
-    * any function ``statistic(x, y) -> array``, e.g. the KL between mean predicted class
-      distributions of a classifier (black-box shift detection, Lipton et al., 2018).
+    * :class:`CategoricalKL`: per-feature KL of category frequencies; codes outside the known
+      categories (unseen categories) share one extra bin, so a new category is counted, not dropped.
+    * :class:`EnergyDistance`: the energy distance of Szekely & Rizzo (2004), the baseline test; one
+      (N, N) distance matrix for all permutations.
 
 References:
     B. Phipson and G. K. Smyth, "Permutation p-values should never be zero: calculating exact p-values
@@ -31,10 +53,12 @@ References:
     9(1), 2010. https://doi.org/10.2202/1544-6115.1585
     Q. Wang, S. R. Kulkarni and S. Verdu, "Divergence estimation for multidimensional densities via
     k-nearest-neighbor distances", IEEE Trans. Inf. Theory 55(5), 2009.
+    G. J. Szekely and M. L. Rizzo, "Testing for equal distributions in high dimension", InterStat, 2004.
+    Y. Benjamini and Y. Hochberg, "Controlling the false discovery rate", JRSS B 57(1), 1995;
+    R. J. Simes, "An improved Bonferroni procedure for multiple tests of significance", Biometrika 73, 1986.
     S. Rabanser, S. Guennemann and Z. Lipton, "Failing loudly: an empirical study of methods for
     detecting dataset shift", NeurIPS 2019. https://arxiv.org/abs/1810.11953
-    Z. Lipton, Y.-X. Wang and A. Smola, "Detecting and correcting for label shift with black box
-    predictors", ICML 2018. https://arxiv.org/abs/1802.03916
+    S. C. Kleene, "Introduction to Metamathematics", 1952 (three-valued logic).
 """
 
 from __future__ import annotations
@@ -47,28 +71,39 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.scipy.special import digamma
 
 from kljax import discrete, knn
 from kljax._contract import (as_float_array, check_eagerly, check_int, host_values, is_concrete, nonnegative,
-                             not_nan)
+                             not_nan, real)
 
 __all__ = [
+    "CategoricalKL",
     "DriftMonitor",
+    "EnergyDistance",
+    "HistogramKL",
+    "KnnKL",
     "MonitorState",
     "WindowScore",
+    "adjust_p_values",
     "bin_edges",
     "bin_indices",
+    "energy_distance",
+    "expected_windows_to_false_alarm",
     "feature_histogram_kl",
     "kl_permutation_test",
+    "permutation_test",
     "sustained_alarms",
 ]
 
-_ESTIMATORS = ("knn", "histogram")
 _BINNINGS = ("quantile", "range")
+_CORRECTIONS = ("bonferroni", "bh")
+#: neighbour order of the default kNN statistic (chosen by measured power; see KnnKL)
+DEFAULT_K = 10
 
 
 # --------------------------------------------------------------------------------------------------
-# Per-feature histograms with fixed edges
+# Input checks shared by every entry point
 # --------------------------------------------------------------------------------------------------
 
 
@@ -81,15 +116,36 @@ def _as_samples(name: str, x, *, min_rows: int = 1) -> jax.Array:
     return x
 
 
+def _as_pair(x, y, x_name="x", y_name="y") -> tuple[jax.Array, jax.Array]:
+    """Two samples with the same features, ``y`` cast to ``x``'s dtype, finite (checked eagerly)."""
+    x = _as_samples(x_name, x)
+    y = _as_samples(y_name, y)
+    if x.ndim != y.ndim or (x.ndim == 2 and x.shape[1] != y.shape[1]):
+        raise ValueError(f"`{x_name}` and `{y_name}` must have the same number of features, got shapes "
+                         f"{x.shape} and {y.shape}.")
+    check_eagerly(x_name, x, real)
+    check_eagerly(y_name, y, real)
+    return x, y.astype(x.dtype)
+
+
+def _not_finite(*arrays) -> jax.Array:
+    return functools.reduce(jnp.logical_or, [jnp.any(~jnp.isfinite(a)) for a in arrays])
+
+
+# --------------------------------------------------------------------------------------------------
+# Bins
+# --------------------------------------------------------------------------------------------------
+
+
 def bin_edges(reference, bins: int = 10, *, binning: str = "quantile") -> jax.Array:
     """Bin edges for each feature, fixed on a reference sample.
 
     ``binning="quantile"`` puts the edges at the reference's empirical quantiles 0, 1/bins, ..., 1, so
-    every bin holds about n / bins reference points (robust to scale and outliers); with many tied
-    values (e.g. integer pixels) several edges coincide and the bins between them stay empty, which
-    the pseudocount of :func:`feature_histogram_kl` handles. ``binning="range"`` spaces the edges
-    evenly between the reference's minimum and maximum. In both cases :func:`bin_indices` sends values
-    outside [edges[0], edges[-1]] to the first or last bin, so a window can always be scored.
+    every bin holds about n / bins reference points; with tied values several edges coincide and the
+    bins between them stay empty, which the pseudocount of :func:`feature_histogram_kl` handles.
+    ``binning="range"`` spaces the edges evenly between the reference's minimum and maximum. The
+    reference must be finite (eagerly ``ValueError``; under ``jit`` the edges of a feature with a
+    non-finite value are NaN).
 
     Args:
         reference: samples, shape (n,) for one feature or (n, d) for d features.
@@ -113,12 +169,11 @@ def bin_edges(reference, bins: int = 10, *, binning: str = "quantile") -> jax.Ar
         NeurIPS 2019, sec. 3.
     """
     reference = _as_samples("reference", reference)
-    if not isinstance(bins, (int, np.integer)) or isinstance(bins, bool) or bins < 1:
-        raise ValueError(f"`bins` must be a positive int, got {bins!r}.")
+    bins = check_int("bins", bins, 1)
     if binning not in _BINNINGS:
         raise ValueError(f"`binning` must be one of {_BINNINGS}, got {binning!r}.")
-    check_eagerly("reference", reference, not_nan)
-    return _bin_edges(reference, int(bins), binning)
+    check_eagerly("reference", reference, real)
+    return _bin_edges(reference, bins, binning)
 
 
 @functools.partial(jax.jit, static_argnames=("bins", "binning"))
@@ -129,23 +184,31 @@ def _bin_edges(reference: jax.Array, bins: int, binning: str) -> jax.Array:
     else:
         low, high = jnp.min(reference, axis=0, keepdims=True), jnp.max(reference, axis=0, keepdims=True)
         edges = low + jnp.expand_dims(levels, tuple(range(1, reference.ndim))) * (high - low)
+    bad = jnp.any(~jnp.isfinite(reference), axis=0)  # per feature
+    edges = jnp.where(bad, jnp.nan, edges)
     return edges.T if reference.ndim == 2 else edges
 
 
-def _check_edges(edges, num_features: int | None, dtype) -> jax.Array:
+def _check_edges(edges, num_features: int | None, dtype, two_dimensional: bool) -> jax.Array:
     """Validates edges of shape (bins + 1,) (one feature) or (d, bins + 1)."""
     edges = as_float_array("edges", edges).astype(dtype)
     if edges.ndim not in (1, 2) or edges.shape[-1] < 2:
         raise ValueError(f"`edges` must have shape (bins + 1,) or (d, bins + 1) with bins >= 1, got {edges.shape}.")
     if edges.ndim == 2 and num_features is not None and edges.shape[0] != num_features:
         raise ValueError(f"`edges` has {edges.shape[0]} rows but the samples have {num_features} features.")
-    if edges.ndim == 1 and num_features not in (None, 1):
-        raise ValueError(f"1-D `edges` of shape {edges.shape} can only bin one feature, got {num_features}.")
-    check_eagerly("edges", edges, not_nan)
+    if (edges.ndim == 2) != two_dimensional:
+        raise ValueError(f"samples of {'(n, d)' if two_dimensional else '(n,)'} shape need `edges` of shape "
+                         f"{'(d, bins + 1)' if two_dimensional else '(bins + 1,)'}, got {edges.shape}.")
+    check_eagerly("edges", edges, real)
     values = host_values(edges)  # NumPy: closed-over edges are concrete inside a jit trace too
     if values is not None and (np.diff(values, axis=-1) < 0).any():
         raise ValueError("`edges` must be non-decreasing along the last axis.")
     return edges
+
+
+def _edges_valid(edges: jax.Array) -> jax.Array:
+    """Per feature (the leading axes): finite and non-decreasing (the traced counterpart of _check_edges)."""
+    return jnp.all(jnp.isfinite(edges), axis=-1) & jnp.all(jnp.diff(edges, axis=-1) >= 0, axis=-1)
 
 
 def bin_indices(x, edges) -> jax.Array:
@@ -155,12 +218,17 @@ def bin_indices(x, edges) -> jax.Array:
     ``edges[0]`` join bin 0 and values at or above ``edges[-1]`` join the last bin (numpy would drop
     the ones outside): a drifted window must not lose its most drifted points.
 
+    Invalid input. Indices are integers and cannot be NaN, so the rule is: eagerly a NaN in ``x`` or
+    NaN/inf/decreasing ``edges`` raise ``ValueError``; under ``jit`` a NaN value gets index -1, and
+    every value of a feature whose edges are invalid gets -1. (+-inf values are valid: they go to the
+    edge bins.)
+
     Args:
         x: samples, shape (n,) with 1-D ``edges`` or (n, d) with ``edges`` of shape (d, bins + 1).
-        edges: non-decreasing bin edges, e.g. from :func:`bin_edges`.
+        edges: non-decreasing finite bin edges, e.g. from :func:`bin_edges`.
 
     Returns:
-        int32 indices in [0, bins), shape of ``x``.
+        int32 indices in [0, bins) (or -1 for an invalid value under ``jit``), shape of ``x``.
 
     Example:
         >>> import jax.numpy as jnp
@@ -169,9 +237,8 @@ def bin_indices(x, edges) -> jax.Array:
         [0, 0, 0, 1, 2, 2]
     """
     x = _as_samples("x", x)
-    edges = _check_edges(edges, x.shape[1] if x.ndim == 2 else None, x.dtype)
-    if (x.ndim == 2) != (edges.ndim == 2):
-        raise ValueError(f"`x` of shape {x.shape} needs `edges` of shape (d, bins + 1), got {edges.shape}.")
+    edges = _check_edges(edges, x.shape[1] if x.ndim == 2 else None, x.dtype, x.ndim == 2)
+    check_eagerly("x", x, not_nan)
     return _bin_indices(x, edges)
 
 
@@ -180,7 +247,8 @@ def _bin_indices(x: jax.Array, edges: jax.Array) -> jax.Array:
     def one_feature(values, feature_edges):
         # Only the interior edges are searched: everything left of edges[1] is bin 0, everything at or
         # right of edges[-2] is the last bin. side="right" makes bins closed on the left.
-        return jnp.searchsorted(feature_edges[1:-1], values, side="right").astype(jnp.int32)
+        index = jnp.searchsorted(feature_edges[1:-1], values, side="right").astype(jnp.int32)
+        return jnp.where(jnp.isnan(values) | ~_edges_valid(feature_edges), -1, index)
 
     if x.ndim == 1:
         return one_feature(x, edges)
@@ -204,8 +272,7 @@ def feature_histogram_kl(x, y, edges, *, pseudocount: float = 0.5) -> jax.Array:
 
     The pseudocount a keeps the estimate finite when a window leaves a bin empty (the plug-in estimate
     is +inf there); a = 1/2 is the Krichevsky-Trofimov (Jeffreys-prior) estimate of each histogram. It
-    biases D_j towards 0 by O(B a / m), which a permutation test absorbs (the same bias is in every
-    permuted statistic).
+    biases D_j towards 0 by O(B a / m), which a permutation test absorbs.
 
     Args:
         x: reference samples (P), shape (n,) or (n, d).
@@ -214,7 +281,8 @@ def feature_histogram_kl(x, y, edges, *, pseudocount: float = 0.5) -> jax.Array:
         pseudocount: a >= 0 added to every bin count (0 gives the plug-in estimate, possibly +inf).
 
     Returns:
-        KL in nats, a scalar for 1-D input, else shape (d,); dtype of ``x``.
+        KL in nats, a scalar for 1-D input, else shape (d,); dtype of ``x``. NaN under ``jit`` for
+        NaN samples, a negative pseudocount, or NaN/decreasing edges (of that feature).
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -234,9 +302,9 @@ def feature_histogram_kl(x, y, edges, *, pseudocount: float = 0.5) -> jax.Array:
     if x.ndim != y.ndim or (x.ndim == 2 and x.shape[1] != y.shape[1]):
         raise ValueError(f"`x` and `y` must have the same number of features, got shapes {x.shape} and {y.shape}.")
     y = y.astype(x.dtype)
-    edges = _check_edges(edges, x.shape[1] if x.ndim == 2 else None, x.dtype)
-    if (x.ndim == 2) != (edges.ndim == 2):
-        raise ValueError(f"`x` of shape {x.shape} needs `edges` of shape (d, bins + 1), got {edges.shape}.")
+    edges = _check_edges(edges, x.shape[1] if x.ndim == 2 else None, x.dtype, x.ndim == 2)
+    check_eagerly("x", x, not_nan)
+    check_eagerly("y", y, not_nan)
     check_eagerly("pseudocount", pseudocount, nonnegative)
     return _feature_histogram_kl(x, y, edges, jnp.asarray(pseudocount, x.dtype))
 
@@ -247,151 +315,595 @@ def _feature_histogram_kl(x, y, edges, pseudocount):
     counts_x = jnp.sum(jax.nn.one_hot(_bin_indices(x, edges), bins, dtype=x.dtype), axis=0)
     counts_y = jnp.sum(jax.nn.one_hot(_bin_indices(y, edges), bins, dtype=x.dtype), axis=0)
     result = _smoothed_kl(counts_x, counts_y, pseudocount)
-    bad = jnp.any(jnp.isnan(x)) | jnp.any(jnp.isnan(y))
-    return jnp.where(bad, jnp.nan, result)
+    valid = (~jnp.any(jnp.isnan(x), axis=0) & ~jnp.any(jnp.isnan(y), axis=0) & _edges_valid(edges)
+             & (pseudocount >= 0))
+    return jnp.where(valid, result, jnp.nan)
 
 
 # --------------------------------------------------------------------------------------------------
-# Permutation machinery
+# Statistics as values
 # --------------------------------------------------------------------------------------------------
+#
+# A statistic value has
+#   check(x, y)               static and eager checks (rows, duplicates, options); raises ValueError;
+#   prepare(x, y) -> data     (inside jit) everything that depends on the pooled points only;
+#   evaluate(data, is_x)      statistics for a batch of labellings is_x, bool (batch, N), each with n True;
+#   valid(x, y) -> mask       (inside jit) False where the statistic is undefined (NaN out).
+# Any other callable statistic(x, y) is wrapped by _Callable.
 
 
-def _permutation_statistics(key, num_total: int, statistic_of_split: Callable, num_permutations: int,
-                            chunk_size: int) -> jax.Array:
-    """The statistic at the observed split (row 0) and at ``num_permutations`` random re-splits.
+def _labels_to_rows(is_x: jax.Array) -> jax.Array:
+    """Row order putting the points labelled x first (stable), for statistics that need the samples."""
+    return jnp.argsort(~is_x, stable=True)
 
-    ``statistic_of_split(order)`` receives a permutation of range(num_total) whose first n entries
-    form the new x. Re-split b >= 1 uses the key ``fold_in(key, b)``, so the result does not depend on
-    ``chunk_size``. The observed split (b = 0, the identity) goes through the same vmapped code as the
-    permuted ones, so that equal statistics are bitwise equal. Chunks of ``chunk_size`` splits are
-    vmapped and run one after another (``lax.map``): memory grows with ``chunk_size``, not with B. The
-    last chunk is padded with extra permutations whose statistics are dropped, so that one chunk
-    shape is compiled.
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=(), meta_fields=("k", "symmetric"))
+@dataclasses.dataclass(frozen=True)
+class KnnKL:
+    """The k-nearest-neighbour KL estimate D(P_x || P_y) (Wang, Kulkarni & Verdu 2009, eq. 5) as a statistic.
+
+        D = d / n sum_{i in x} log(nu_k(i) / rho_k(i)) + log(m / (n - 1)),
+
+    rho_k(i) the distance from x_i to its k-th nearest other point of x, nu_k(i) to its k-th nearest
+    point of y; it equals ``kljax.knn.kl(x, y, k=k, estimator="wkv")``. ``symmetric=True`` adds the
+    same estimate of D(P_y || P_x) (Jeffreys divergence), which also sees a window that fills in a
+    region the reference lacks. Larger k trades bias (which a permutation test absorbs: every permuted
+    statistic carries the same) for variance, hence power; the default, k = min(``DEFAULT_K`` = 10,
+    n - 1, m - 1), was chosen by measured power (k = 10 roughly doubles the power of k = 1 on a small
+    mean shift).
+
+    Ties follow ``kljax.knn``'s ``ties="auto"`` rule (WKV 2009, Sec. III): a point with ``c`` exact
+    copies among its own label counts them as neighbours, uses the first positive distance (order
+    ``k + c``) and ``psi(k + c)`` for ``psi(k)``; likewise towards the other label; so continuous data
+    that float rounding made tied are scored, for the observed split and every re-split alike. Pooled
+    data that look discrete (more than 10% of the points with a copy, or a point with more than 8
+    copies) are refused eagerly and give NaN under jit.
+
+    Attributes:
+        k: neighbour order >= 1, or None for min(DEFAULT_K, n - 1, m - 1).
+        symmetric: add D(P_y || P_x).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from kljax.drift import KnnKL, permutation_test
+        >>> kx, ky = jax.random.split(jax.random.key(0))
+        >>> x = jax.random.normal(kx, (200, 2))
+        >>> y = jax.random.normal(ky, (100, 2)) + 1.0
+        >>> statistic, p_value = permutation_test(jax.random.key(1), KnnKL(k=5), x, y, num_permutations=99)
+        >>> float(p_value)
+        0.01
+
+    References:
+        Q. Wang, S. R. Kulkarni and S. Verdu, IEEE Trans. Inf. Theory 55(5), 2009, eq. 5.
     """
-    total = num_permutations + 1
-    chunk = min(chunk_size, total)
-    num_chunks = -(-total // chunk)
-    identity = jnp.arange(num_total)
 
-    def one(index):
-        permutation = jax.random.permutation(jax.random.fold_in(key, index), num_total)
-        return statistic_of_split(jnp.where(index == 0, identity, permutation))
+    k: int | None = None
+    symmetric: bool = False
 
-    stats = jax.lax.map(lambda start: jax.vmap(one)(start + jnp.arange(chunk)), jnp.arange(num_chunks) * chunk)
-    return stats.reshape((num_chunks * chunk,) + stats.shape[2:])[:total]
+    def __post_init__(self):
+        if self.k is not None:
+            check_int("k", self.k, 1)
+
+    def order(self, n: int, m: int) -> int:
+        """The neighbour order used for samples of n and m rows: ``k``, or for ``k=None``
+        min(DEFAULT_K, n - 1, m - 1) (at least 1), the largest the samples allow up to the default."""
+        if self.k is not None:
+            return self.k
+        return max(1, min(DEFAULT_K, n - 1, m - 1))
+
+    def check(self, x, y) -> None:
+        n, m = x.shape[0], y.shape[0]
+        k = self.order(n, m)
+        if n <= k or m < k or (self.symmetric and m <= k):
+            need = "more than k rows in `x` and `y`" if self.symmetric else "more than k rows in `x` and k in `y`"
+            raise ValueError(f"`k`={k} needs {need}, got shapes {x.shape} and {y.shape}.")
+        if is_concrete(x) and is_concrete(y):
+            pooled = np.concatenate([np.asarray(x), np.asarray(y)]).reshape(n + m, -1)
+            _, inverse, counts = np.unique(pooled, axis=0, return_inverse=True, return_counts=True)
+            tied = np.mean(counts[inverse.reshape(-1)] > 1)
+            if tied > _MAX_TIED_FRACTION or counts.max() - 1 > _MAX_COPIES:
+                raise ValueError(
+                    f"`x` and `y` look discrete: pooled, {tied:.0%} of the points have an exact copy and one "
+                    f"has {counts.max() - 1} copies (continuous data tied by rounding stay below "
+                    f"{_MAX_TIED_FRACTION:.0%} and {_MAX_COPIES}). The kNN statistic needs continuous data: use "
+                    "estimator='histogram' (or CategoricalKL) for discrete features, or add jitter.")
+
+    def list_length(self, n: int, m: int) -> int:
+        """K, the neighbours kept per pooled point: a random relabelling leaves fewer than k of the rarer
+        label among K neighbours with probability ~1e-9 (the count is about Binomial(K, min(n, m) / N))."""
+        k = self.order(n, m)
+        needed = k + 6 * math.sqrt(k) + 12
+        # + the copies a point may have at distance 0 before its positive neighbours
+        return min(n + m - 1, math.ceil(needed * (n + m) / min(n, m)) + _MAX_COPIES)
+
+    def prepare(self, x, y):
+        x, y = (x[:, None], y[:, None]) if x.ndim == 1 else (x, y)
+        x, y = jnp.where(jnp.isfinite(x), x, 0), jnp.where(jnp.isfinite(y), y, 0)  # bad input: NaN (valid)
+        pooled = jnp.concatenate([x, y], axis=0)
+        length = self.list_length(x.shape[0], y.shape[0])
+        distances, indices = knn.neighbors(pooled, pooled, length, exclude_self=True, method="brute")
+        # the tie policy's limits, from the pooled lists (label-free: the same for every split); under
+        # jit, where check() cannot run, data beyond them give NaN
+        copies = jnp.sum(distances[:, :_MAX_COPIES + 1] == 0, axis=1)
+        discrete = (jnp.mean((copies > 0).astype(pooled.dtype)) > _MAX_TIED_FRACTION) | jnp.any(copies > _MAX_COPIES)
+        return x, y, pooled, distances, indices, self.order(x.shape[0], y.shape[0]), discrete
+
+    def observe(self, data):
+        """The observed split, directly from kljax.knn.neighbors (exact whatever the list length)."""
+        x, y, _, _, _, k, discrete = data
+        n, m = x.shape[0], y.shape[0]
+
+        def kth_positive(queries, refs, exclude_self):
+            # the k-th neighbour at a positive distance, and the copies (zero distances) before it
+            available = refs.shape[0] - int(exclude_self)
+            found = knn.neighbors(queries, refs, min(k + _MAX_COPIES, available), exclude_self=exclude_self,
+                                  method="brute")[0]
+            copies = jnp.sum(found == 0, axis=1)
+            position = copies + k - 1
+            picked = jnp.take_along_axis(found, jnp.minimum(position, found.shape[1] - 1)[:, None], axis=1)[:, 0]
+            return jnp.where(position < found.shape[1], picked, jnp.nan), copies
+
+        own_x, copies_own_x = kth_positive(x, x, True)
+        other_x, copies_other_x = kth_positive(x, y, False)
+        if self.symmetric:
+            own_y, copies_own_y = kth_positive(y, y, True)
+            other_y, copies_other_y = kth_positive(y, x, False)
+        else:  # y's rows do not enter the statistic
+            own_y = other_y = jnp.ones(m, x.dtype)
+            copies_own_y = copies_other_y = jnp.zeros(m, copies_own_x.dtype)
+        is_x = jnp.arange(n + m) < n
+        value = self._value(jnp.concatenate([own_x, own_y]), jnp.concatenate([other_x, other_y]), is_x, x.shape[1],
+                            jnp.concatenate([copies_own_x, copies_own_y]),
+                            jnp.concatenate([copies_other_x, copies_other_y]), k)
+        return jnp.where(discrete, jnp.nan, value)
+
+    def evaluate(self, data, is_x):
+        *_, pooled, distances, indices, k, discrete = data
+        values = jax.vmap(lambda labels: self._relabelled(pooled, distances, indices, labels, k))(is_x)
+        return jnp.where(discrete, jnp.nan, values)
+
+    def valid(self, x, y):
+        return ~_not_finite(x, y)
+
+    def _value(self, own, other, is_x, d, copies_own, copies_other, k):
+        """WKV (eq. 5) from each point's k-th positive distance to its own label (own) and to the other
+        (other), with psi(k + copies_own) - psi(k + copies_other) for the copies skipped (Sec. III)."""
+        n = jnp.sum(is_x).astype(own.dtype)
+        m = is_x.shape[0] - n
+        relevant = is_x | self.symmetric
+        safe_own, safe_other = jnp.where(relevant, own, 1), jnp.where(relevant, other, 1)
+        order_correction = (digamma((k + copies_own).astype(own.dtype)) - digamma((k + copies_other).astype(own.dtype))
+                            ) / jnp.maximum(d, 1)
+        log_ratio = jnp.where(relevant, jnp.log(safe_other) - jnp.log(safe_own) + order_correction, 0)
+        value = d * jnp.sum(jnp.where(is_x, log_ratio, 0)) / n + jnp.log(m) - jnp.log(n - 1)
+        if self.symmetric:
+            value = value + d * jnp.sum(jnp.where(is_x, 0, log_ratio)) / m + jnp.log(n) - jnp.log(m - 1)
+        zero = jnp.any(relevant & ((own == 0) | (other == 0)))
+        return jnp.where(zero, jnp.nan, value).astype(own.dtype)
+
+    def _relabelled(self, pooled, distances, indices, is_x, k):
+        """One random re-split from the neighbour lists: O(N K). A list with fewer than k points of a label
+        (probability ~1e-9 per point, whatever the data: the labels are a uniform relabelling of fixed
+        lists) is patched by a brute-force search of that point, for up to _PATCHED_ROWS points; more
+        than that (probability < 1e-40) gives NaN, never a wrong number."""
+        same = is_x[indices] == is_x[:, None]  # (N, K): neighbour j of point i has i's label
+        zero = distances == 0  # exact copies: counted, not used (knn's ties="auto")
+        copies_own = jnp.sum(same & zero, axis=1)
+        copies_other = jnp.sum(~same & zero, axis=1)
+        # the k-th positive neighbour of a label sits after k - 1 earlier ones: count the positions before it
+        own_position = jnp.sum(jnp.cumsum(same & ~zero, axis=1) < k, axis=1)
+        other_position = jnp.sum(jnp.cumsum(~same & ~zero, axis=1) < k, axis=1)
+        length = distances.shape[1]
+
+        def pick(position):
+            return jnp.take_along_axis(distances, jnp.minimum(position, length - 1)[:, None], axis=1)[:, 0]
+
+        own, other = pick(own_position), pick(other_position)
+        relevant = is_x | self.symmetric
+        incomplete = relevant & ((own_position >= length) | (other_position >= length))
+        rows = jnp.nonzero(incomplete, size=_PATCHED_ROWS, fill_value=0)[0]
+        patch = jax.vmap(lambda row: self._brute_row(pooled, is_x, row, k))(rows)
+        own, other, copies_own, copies_other = (
+            current.at[rows].set(jnp.where(incomplete[rows], patched, current[rows]))
+            for current, patched in zip((own, other, copies_own, copies_other), patch))
+        value = self._value(own, other, is_x, pooled.shape[1], copies_own, copies_other, k)
+        return jnp.where(jnp.sum(incomplete) > _PATCHED_ROWS, jnp.nan, value)
+
+    @staticmethod
+    def _brute_row(pooled, is_x, row, k):
+        """Exact k-th positive distances of one point to the other points of its label and of the other
+        label, and its copies (zero distances) in each."""
+        distance = jnp.sqrt(jnp.sum((pooled - pooled[row][None, :]) ** 2, axis=-1))
+        distance = jnp.where(jnp.arange(pooled.shape[0]) == row, jnp.inf, distance)
+        same = is_x == is_x[row]
+        zero = distance == 0
+        own = -jax.lax.top_k(-jnp.where(same & ~zero, distance, jnp.inf), k)[0][-1]
+        other = -jax.lax.top_k(-jnp.where(~same & ~zero, distance, jnp.inf), k)[0][-1]
+        return own, other, jnp.sum(same & zero), jnp.sum(~same & zero)
 
 
-def _p_values(stats: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Observed statistic and (1 + #{T_b >= T_obs}) / (1 + B) from the stacked statistics."""
-    observed, permuted = stats[0], stats[1:]
-    # Exact ties (e.g. equal histograms) count as exceedances; the tolerance only guards against
-    # last-bit differences of a mathematically equal statistic, and can only make p larger.
-    tolerance = 4 * jnp.finfo(stats.dtype).eps * jnp.abs(observed)
-    exceed = jnp.sum(permuted >= jnp.expand_dims(observed - tolerance, 0), axis=0)
-    num_permutations = permuted.shape[0]
-    p_value = ((1 + exceed) / (1 + num_permutations)).astype(stats.dtype)
-    bad = jnp.isnan(observed) | jnp.any(jnp.isnan(permuted), axis=0)
-    return observed, jnp.where(bad, jnp.nan, p_value)
+_PATCHED_ROWS = 4
+# knn's tie policy (ties="auto"): the most tied points and copies per point continuous data may show
+_MAX_TIED_FRACTION = 0.1
+_MAX_COPIES = 8
 
 
-@functools.partial(jax.jit, static_argnames=("num_permutations", "chunk_size"))
-def _histogram_test(key, x, y, edges, pseudocount, *, num_permutations, chunk_size):
-    n, bins = x.shape[0], edges.shape[-1] - 1
-    pooled = jnp.concatenate([x, y], axis=0)
-    num_total = pooled.shape[0]
-    # Bins are fixed before permuting, so each pooled point keeps its bin; a re-split only changes
-    # which points count for x. counts_x = mask @ one_hot is one (chunk, N) x (N, d * bins) matmul.
-    one_hot = jax.nn.one_hot(_bin_indices(pooled, edges), bins, dtype=x.dtype)  # (N, d, bins)
-    flat = one_hot.reshape(num_total, -1)
-    total = jnp.sum(one_hot, axis=0)
+@functools.partial(jax.tree_util.register_dataclass, data_fields=("pseudocount", "edges"),
+                   meta_fields=("bins", "binning"))
+@dataclasses.dataclass(frozen=True)
+class HistogramKL:
+    """Per-feature histogram KL (:func:`feature_histogram_kl`) as a statistic; one value per feature.
 
-    def statistic_of_split(order):
-        mask = jnp.zeros(num_total, x.dtype).at[order[:n]].set(1)
-        counts_x = (mask @ flat).reshape(total.shape)
-        return _smoothed_kl(counts_x, total - counts_x, pseudocount)
+    Bin edges: ``edges`` when given (they must not depend on x or y, e.g. fixed on a separate part
+    of the reference, or the permuted statistics are not exchangeable with the observed one); else
+    ``bin_edges(pooled, bins, binning=binning)``, a symmetric function of the pool and so exactly valid.
+    Each pooled point keeps its bin under a re-split, so a permutation is one (N,) x (N, d * bins)
+    product of its labels with the pooled one-hot bins.
 
-    stats = _permutation_statistics(key, num_total, statistic_of_split, num_permutations, chunk_size)
-    observed, p_value = _p_values(stats)
-    bad = jnp.any(jnp.isnan(x)) | jnp.any(jnp.isnan(y))
-    return jnp.where(bad, jnp.nan, observed), jnp.where(bad, jnp.nan, p_value)
+    Attributes:
+        bins: number of bins when ``edges`` is None.
+        binning: ``"quantile"`` or ``"range"``.
+        pseudocount: added to every bin of both histograms (>= 0).
+        edges: fixed edges, shape (bins + 1,) or (d, bins + 1), as a tuple (hashable) or array.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from kljax.drift import HistogramKL, permutation_test
+        >>> kx, ky = jax.random.split(jax.random.key(0))
+        >>> x = jax.random.normal(kx, (200, 3))
+        >>> y = jax.random.normal(ky, (100, 3)).at[:, 1].add(1.0)   # feature 1 drifts
+        >>> statistic, p_value = permutation_test(jax.random.key(1), HistogramKL(bins=8), x, y, num_permutations=99)
+        >>> [round(float(p), 2) for p in p_value][1]
+        0.01
+
+    References:
+        Rabanser, Guennemann and Lipton, "Failing loudly", NeurIPS 2019 (univariate tests per feature).
+    """
+
+    bins: int = 10
+    binning: str = "quantile"
+    pseudocount: Any = 0.5
+    edges: Any = None
+
+    def check(self, x, y) -> None:
+        check_int("bins", self.bins, 1)
+        if self.binning not in _BINNINGS:
+            raise ValueError(f"`binning` must be one of {_BINNINGS}, got {self.binning!r}.")
+        check_eagerly("pseudocount", self.pseudocount, nonnegative)
+        if self.edges is not None:
+            _check_edges(self.edges, x.shape[1] if x.ndim == 2 else None, x.dtype, x.ndim == 2)
+
+    def one_hot(self, pooled):
+        if self.edges is None:
+            edges = _bin_edges(pooled, self.bins, self.binning)
+        else:
+            edges = jnp.asarray(self.edges, pooled.dtype)
+        bins = edges.shape[-1] - 1
+        return jax.nn.one_hot(_bin_indices(pooled, edges), bins, dtype=pooled.dtype), _edges_valid(edges)
+
+    def prepare(self, x, y):
+        return _prepare_counts(self, x, y)
+
+    def evaluate(self, data, is_x):
+        return _evaluate_counts(data, is_x, self.pseudocount)
+
+    def valid(self, x, y):
+        return ~_not_finite(x, y) & (jnp.asarray(self.pseudocount) >= 0)
 
 
-@functools.partial(jax.jit, static_argnames=("statistic", "num_permutations", "chunk_size"))
-def _generic_test(key, x, y, *, statistic, num_permutations, chunk_size):
-    n = x.shape[0]
-    pooled = jnp.concatenate([x, y], axis=0)
+@functools.partial(jax.tree_util.register_dataclass, data_fields=("pseudocount",),
+                   meta_fields=("num_categories",))
+@dataclasses.dataclass(frozen=True)
+class CategoricalKL:
+    """Per-feature KL between category frequencies, with unseen categories counted in one extra bin.
 
-    def statistic_of_split(order):
-        shuffled = pooled[order]
-        return jnp.asarray(statistic(shuffled[:n], shuffled[n:]))
+    Each feature holds category codes 0, 1, ..., ``num_categories`` - 1 (as floats). A value that is not
+    one of them (a category the reference never had, coded e.g. as ``num_categories`` or -1) joins an
+    extra "unseen" bin, so a new category in a window raises the statistic instead of vanishing.
+    ``pseudocount`` smooths both histograms (num_categories + 1 bins) as in :func:`feature_histogram_kl`.
 
-    stats = _permutation_statistics(key, pooled.shape[0], statistic_of_split, num_permutations, chunk_size)
-    observed, p_value = _p_values(stats)
-    bad = jnp.any(jnp.isnan(x)) | jnp.any(jnp.isnan(y))
-    return jnp.where(bad, jnp.nan, observed), jnp.where(bad, jnp.nan, p_value)
+    Attributes:
+        num_categories: known categories per feature (>= 1).
+        pseudocount: added to every bin (>= 0).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from kljax.drift import CategoricalKL, permutation_test
+        >>> x = jnp.tile(jnp.array([0.0, 1.0, 2.0]), 40)
+        >>> y = jnp.concatenate([jnp.tile(jnp.array([0.0, 1.0]), 20), jnp.full(20, 7.0)])  # 7: unseen
+        >>> statistic, p_value = permutation_test(jax.random.key(0), CategoricalKL(3), x, y, num_permutations=99)
+        >>> float(p_value)
+        0.01
+
+    References:
+        R. Krichevsky and V. Trofimov, IEEE Trans. Inf. Theory 27(2), 1981 (the add-1/2 estimator).
+    """
+
+    num_categories: int
+    pseudocount: Any = 0.5
+
+    def check(self, x, y) -> None:
+        check_int("num_categories", self.num_categories, 1)
+        check_eagerly("pseudocount", self.pseudocount, nonnegative)
+
+    def one_hot(self, pooled):
+        known = (pooled >= 0) & (pooled < self.num_categories) & (pooled == jnp.round(pooled))
+        codes = jnp.where(known, pooled, self.num_categories).astype(jnp.int32)
+        valid = jnp.ones(pooled.shape[1:], bool)
+        return jax.nn.one_hot(codes, self.num_categories + 1, dtype=pooled.dtype), valid
+
+    def prepare(self, x, y):
+        return _prepare_counts(self, x, y)
+
+    def evaluate(self, data, is_x):
+        return _evaluate_counts(data, is_x, self.pseudocount)
+
+    def valid(self, x, y):
+        return ~_not_finite(x, y) & (jnp.asarray(self.pseudocount) >= 0)
+
+
+def _prepare_counts(statistic, x, y):
+    one_hot, feature_valid = statistic.one_hot(jnp.concatenate([x, y], axis=0))  # (N, [d,] bins)
+    return one_hot.reshape(one_hot.shape[0], -1), jnp.sum(one_hot, axis=0), feature_valid
+
+
+def _evaluate_counts(data, is_x, pseudocount):
+    flat, total, feature_valid = data
+    counts_x = (is_x.astype(flat.dtype) @ flat).reshape((is_x.shape[0],) + total.shape)
+    value = _smoothed_kl(counts_x, total[None] - counts_x, jnp.asarray(pseudocount, flat.dtype))
+    return jnp.where(feature_valid[None], value, jnp.nan)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=(), meta_fields=())
+@dataclasses.dataclass(frozen=True)
+class EnergyDistance:
+    """The energy distance of Szekely & Rizzo as a statistic (the baseline two-sample test).
+
+        E = 2 / (n m) sum_{i, j} |x_i - y_j| - 1 / n^2 sum_{i, i'} |x_i - x_i'| - 1 / m^2 sum_{j, j'} |y_j - y_j'|
+
+    (the V-statistic; E >= 0 with equality iff the empirical distributions agree). The (N, N) distance
+    matrix D of the pool is computed once; a re-split with label vector s costs the products D s:
+    one (chunk, N) x (N, N) matrix product per chunk. Memory O(N^2).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from kljax.drift import energy_distance, EnergyDistance, permutation_test
+        >>> x, y = jnp.array([[0.0], [1.0]]), jnp.array([[3.0]])
+        >>> print(float(energy_distance(x, y)))          # 2 (3 + 2) / 2 - 2 / 4
+        4.5
+        >>> float(permutation_test(jax.random.key(0), EnergyDistance(), jnp.arange(40.0), jnp.arange(40.0) + 30,
+        ...                        num_permutations=99)[1])
+        0.01
+
+    References:
+        G. J. Szekely and M. L. Rizzo, "Testing for equal distributions in high dimension", InterStat,
+        2004; "Energy statistics: a class of statistics based on distances", J. Stat. Plan. Inference
+        143(8), 2013.
+    """
+
+    def check(self, x, y) -> None:
+        pass
+
+    def prepare(self, x, y):
+        pooled = jnp.concatenate([x, y], axis=0).reshape(x.shape[0] + y.shape[0], -1)
+        pooled = jnp.where(jnp.isfinite(pooled), pooled, 0)
+        return _pairwise_distances(pooled)
+
+    def evaluate(self, distances, is_x):
+        labels = is_x.astype(distances.dtype)  # (batch, N)
+        n = jnp.sum(labels, axis=1)
+        m = labels.shape[1] - n
+        row_x = labels @ distances  # sum over x-labelled columns, for every row
+        within_x = jnp.sum(row_x * labels, axis=1)
+        between = jnp.sum(row_x * (1 - labels), axis=1)
+        within_y = jnp.sum(distances) - within_x - 2 * between
+        return 2 * between / (n * m) - within_x / n ** 2 - within_y / m ** 2
+
+    def valid(self, x, y):
+        return ~_not_finite(x, y)
 
 
 def _pairwise_distances(points: jax.Array) -> jax.Array:
-    """Euclidean distances between all rows, from coordinate differences (exact, never negative),
-    computed a block of rows at a time so that memory stays O(N^2), not O(N^2 d)."""
+    """Euclidean distances between all rows from coordinate differences (exact, never negative), a block
+    of rows at a time so that memory stays O(N^2), not O(N^2 d)."""
     def row(point):
         return jnp.sqrt(jnp.sum((points - point[None, :]) ** 2, axis=-1))
 
     return jax.lax.map(row, points, batch_size=min(64, points.shape[0]))
 
 
-def _kth_smallest(values: jax.Array, k: int) -> jax.Array:
-    if k == 1:
-        return jnp.min(values, axis=-1)
-    return -jax.lax.top_k(-values, k)[0][..., -1]
+def energy_distance(x, y) -> jax.Array:
+    """Energy distance between the samples ``x`` and ``y`` (see :class:`EnergyDistance`).
 
+    Args:
+        x: samples, shape (n,) or (n, d).
+        y: samples, shape (m,) or (m, d).
 
-@functools.partial(jax.jit, static_argnames=("k", "num_permutations", "chunk_size"))
-def _knn_wkv_test(key, x, y, *, k, num_permutations, chunk_size):
-    """Permutation test of the WKV statistic from one pooled distance matrix.
+    Returns:
+        The V-statistic E >= 0, dtype of ``x``; NaN under ``jit`` for non-finite input.
 
-    A re-split does not move the points, only their labels, so the (N, N) distances are computed
-    once; per re-split, rho_k(i) and nu_k(i) are k-th smallest distances over the columns labelled x
-    (the diagonal excluded: a point is not its own neighbour) and y. That is O(N^2) per permutation
-    instead of a fresh O(N^2 d) search, and the number is kljax.knn.kl(x, y, k=k, estimator="wkv")
-    (WKV 2009, eq. 5): d / n sum_{i in x} log(nu_k(i) / rho_k(i)) + log(m / (n - 1)).
-    Memory: the (N, N) matrix plus chunk_size of them per chunk.
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from kljax.drift import energy_distance
+        >>> print(float(energy_distance(jnp.array([0.0, 1.0]), jnp.array([3.0]))))
+        4.5
+
+    References:
+        G. J. Szekely and M. L. Rizzo, InterStat, 2004.
     """
-    n, d = x.shape
-    m = y.shape[0]
-    pooled = jnp.concatenate([x, y], axis=0)
-    num_total = n + m
-    distances = _pairwise_distances(pooled)
-    distances = jnp.where(jnp.eye(num_total, dtype=bool), jnp.inf, distances)
-    offset = jnp.log(jnp.asarray(m, x.dtype)) - jnp.log(jnp.asarray(n - 1, x.dtype))
+    x, y = _as_pair(x, y)
+    return _statistic_only(EnergyDistance(), x, y)
 
-    def statistic_of_split(order):
-        is_x = jnp.zeros(num_total, bool).at[order[:n]].set(True)
-        rho = _kth_smallest(jnp.where(is_x[None, :], distances, jnp.inf), k)
-        nu = _kth_smallest(jnp.where(is_x[None, :], jnp.inf, distances), k)
-        # the sum runs over the rows labelled x; rows labelled y contribute 0 (and may hold zeros)
-        log_ratio = jnp.where(is_x, jnp.log(jnp.where(is_x, nu, 1)) - jnp.log(jnp.where(is_x, rho, 1)), 0)
-        value = d * jnp.sum(log_ratio) / n + offset
-        # a zero distance (duplicated points) makes the estimate undefined, as in kljax.knn.kl
-        zero = jnp.any(is_x & ((rho == 0) | (nu == 0)))
-        return jnp.where(zero, jnp.nan, value).astype(x.dtype)
 
-    stats = _permutation_statistics(key, num_total, statistic_of_split, num_permutations, chunk_size)
-    observed, p_value = _p_values(stats)
-    bad = jnp.any(jnp.isnan(x)) | jnp.any(jnp.isnan(y))
-    return jnp.where(bad, jnp.nan, observed), jnp.where(bad, jnp.nan, p_value)
+@functools.partial(jax.tree_util.register_dataclass, data_fields=(), meta_fields=("function",))
+@dataclasses.dataclass(frozen=True)
+class _Callable:
+    """Any ``statistic(x, y) -> array`` as a statistic value (the samples are gathered per re-split)."""
+
+    function: Callable
+
+    def check(self, x, y) -> None:
+        if hasattr(self.function, "check"):  # e.g. the kNN estimators' rows and duplicates
+            self.function.check(x, y)
+
+    def prepare(self, x, y):
+        return jnp.concatenate([x, y], axis=0), x.shape[0]
+
+    def evaluate(self, data, is_x):
+        pooled, n = data
+
+        def one(labels):
+            rows = pooled[_labels_to_rows(labels)]
+            return jnp.asarray(self.function(rows[:n], rows[n:]))
+
+        return jax.vmap(one)(is_x)
+
+    def valid(self, x, y):
+        return ~_not_finite(x, y)
+
+
+def _as_statistic(statistic):
+    if all(hasattr(statistic, name) for name in ("check", "prepare", "evaluate", "valid")):
+        return statistic
+    if callable(statistic):
+        return _Callable(statistic)
+    raise TypeError(f"`statistic` must be a statistic value (KnnKL, HistogramKL, CategoricalKL, EnergyDistance) "
+                    f"or a callable statistic(x, y), got {statistic!r}.")
+
+
+@jax.jit
+def _statistic_only(statistic, x, y):
+    data = statistic.prepare(x, y)
+    if hasattr(statistic, "observe"):
+        value = statistic.observe(data)
+    else:
+        value = statistic.evaluate(data, jnp.arange(x.shape[0] + y.shape[0])[None] < x.shape[0])[0]
+    return jnp.where(statistic.valid(x, y), value, jnp.nan).astype(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# The permutation core
+# --------------------------------------------------------------------------------------------------
+
+
+def _p_values(observed: jax.Array, permuted: jax.Array) -> jax.Array:
+    """(1 + #{T_b >= T_obs}) / (1 + B) for each entry of the observed statistic."""
+    # Exact ties count as exceedances; the tolerance only guards against last-bit differences of a
+    # mathematically equal statistic (it can only make p larger). It must not turn an observed +inf
+    # into inf - inf = NaN: an infinite observed value is compared as it is (+inf >= +inf counts).
+    tolerance = 4 * jnp.finfo(permuted.dtype).eps * jnp.abs(observed)
+    threshold = jnp.where(jnp.isfinite(observed), observed - tolerance, observed)
+    exceed = jnp.sum(permuted >= threshold[None], axis=0)
+    p_value = ((1 + exceed) / (1 + permuted.shape[0])).astype(permuted.dtype)
+    bad = jnp.isnan(observed) | jnp.any(jnp.isnan(permuted), axis=0)
+    return jnp.where(bad, jnp.nan, p_value)
+
+
+@functools.partial(jax.jit, static_argnames=("num_permutations", "chunk_size"))
+def _permutation_test(key, x, y, statistic, *, num_permutations, chunk_size):
+    n, num_total = x.shape[0], x.shape[0] + y.shape[0]
+    data = statistic.prepare(x, y)
+    if hasattr(statistic, "observe"):
+        observed = statistic.observe(data)
+    else:
+        observed = statistic.evaluate(data, (jnp.arange(num_total) < n)[None])[0]
+    chunk = min(chunk_size, num_permutations)
+    num_chunks = -(-num_permutations // chunk)
+
+    def labels(index):  # re-split b uses the key fold_in(key, b), b = 1..B: independent of chunk_size
+        order = jax.random.permutation(jax.random.fold_in(key, index), num_total)
+        return jnp.zeros(num_total, bool).at[order[:n]].set(True)
+
+    def one_chunk(start):
+        return statistic.evaluate(data, jax.vmap(labels)(start + jnp.arange(chunk)))
+
+    permuted = jax.lax.map(one_chunk, 1 + jnp.arange(num_chunks) * chunk)
+    permuted = permuted.reshape((num_chunks * chunk,) + permuted.shape[2:])[:num_permutations]
+    valid = statistic.valid(x, y)
+    observed = jnp.where(valid, observed, jnp.nan).astype(x.dtype)
+    return observed, jnp.where(valid, _p_values(observed, permuted.astype(x.dtype)), jnp.nan)
+
+
+def permutation_test(key, statistic, x, y, *, num_permutations: int = 200,
+                     chunk_size: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """Permutation test of ``statistic`` on a reference ``x`` and a window ``y``: (statistic, p-value).
+
+    The pooled sample (x, y) is re-split ``num_permutations`` times into groups of sizes n and m
+    (uniformly random permutations, re-split b with key ``fold_in(key, b)``), the statistic is
+    evaluated on each split, and p = (1 + #{T_b >= T_obs}) / (1 + B) (Phipson & Smyth, 2010). Re-splits
+    are evaluated a chunk of ``chunk_size`` at a time (vmapped within, ``lax.map`` across), so memory
+    is bounded by the chunk, and the result does not depend on ``chunk_size``.
+
+    Args:
+        key: a ``jax.random`` key.
+        statistic: :class:`KnnKL`, :class:`HistogramKL`, :class:`CategoricalKL`, :class:`EnergyDistance`
+            or a callable ``statistic(x, y) -> array`` (a hashable one: the same object is not recompiled).
+        x: reference sample (P), shape (n,) or (n, d).
+        y: window sample (Q), shape (m,) or (m, d), same number of features.
+        num_permutations: B >= 1; the smallest attainable p-value is 1 / (B + 1).
+        chunk_size: re-splits per vmapped chunk (None: 32).
+
+    Returns:
+        ``(statistic, p_value)`` of the observed split, of the statistic's shape; dtype of ``x``. NaN
+        under ``jit`` when an input is NaN or infinite.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from kljax.drift import EnergyDistance, permutation_test
+        >>> kx, ky = jax.random.split(jax.random.key(0))
+        >>> x, y = jax.random.normal(kx, (100, 2)), jax.random.normal(ky, (80, 2))   # no drift
+        >>> _, p_value = permutation_test(jax.random.key(1), EnergyDistance(), x, y, num_permutations=99)
+        >>> bool(p_value > 0.05)
+        True
+
+    References:
+        B. Phipson and G. K. Smyth, Stat. Appl. Genet. Mol. Biol. 9(1), 2010, eq. 2.
+    """
+    statistic = _as_statistic(statistic)
+    num_permutations = check_int("num_permutations", num_permutations, 1)
+    chunk_size = check_int("chunk_size", 32 if chunk_size is None else chunk_size, 1)
+    x, y = _as_pair(x, y)
+    if x.shape[0] < 2:
+        raise ValueError(f"`x` needs at least 2 samples (rows), got shape {x.shape}.")
+    statistic.check(x, y)
+    return _permutation_test(key, x, y, statistic, num_permutations=num_permutations, chunk_size=chunk_size)
+
+
+def _statistic_from_options(estimator, *, k, knn_estimator, knn_method, bins, binning, edges, pseudocount,
+                            symmetric=False):
+    """The keyword layer of :func:`kl_permutation_test` and :class:`DriftMonitor` -> a statistic value."""
+    if isinstance(estimator, str):
+        if estimator == "knn":
+            k = None if k is None else check_int("k", k, 1)
+            if knn_estimator == "wkv":
+                return KnnKL(k, symmetric)
+            return _Callable(_KnnStatistic(k, knn_estimator, knn_method))
+        if estimator == "histogram":
+            return HistogramKL(check_int("bins", bins, 1), binning, pseudocount,
+                               None if edges is None else as_float_array("edges", edges))
+        if estimator == "energy":
+            return EnergyDistance()
+        raise ValueError(f"`estimator` must be one of ('knn', 'histogram', 'energy'), a statistic value or a "
+                         f"callable, got {estimator!r}.")
+    return _as_statistic(estimator)
 
 
 @dataclasses.dataclass(frozen=True)
 class _KnnStatistic:
-    """Hashable ``(x, y) -> kljax.knn.kl(x, y, ...)`` so that jit caches it across calls."""
+    """Hashable ``(x, y) -> kljax.knn.kl(x, y, ...)`` for the kNN estimators other than WKV."""
 
-    k: int
+    k: int | None
     knn_estimator: str
     method: str
 
+    def check(self, x, y) -> None:
+        KnnKL(self.k).check(x, y)
+
     def __call__(self, x, y):
-        return knn.kl(x, y, k=self.k, estimator=self.knn_estimator, method=self.method)
+        if x.ndim == 1:
+            x, y = x[:, None], y[:, None]
+        k = self.k if self.k is not None else max(1, min(DEFAULT_K, x.shape[0] - 1, y.shape[0] - 1))
+        return knn.kl(x, y, k=k, estimator=self.knn_estimator, method=self.method)
 
 
 def kl_permutation_test(
@@ -399,10 +911,11 @@ def kl_permutation_test(
     x,
     y,
     *,
-    estimator: str | Callable[[jax.Array, jax.Array], Any] = "knn",
+    estimator: Any = "knn",
     num_permutations: int = 200,
     chunk_size: int | None = None,
-    k: int = 1,
+    k: int | None = None,
+    symmetric: bool = False,
     knn_estimator: str = "wkv",
     knn_method: str = "brute",
     bins: int = 10,
@@ -412,55 +925,35 @@ def kl_permutation_test(
 ) -> tuple[jax.Array, jax.Array]:
     """KL drift statistic D(P_x || P_y) of a reference ``x`` and a window ``y``, with its permutation p-value.
 
-    The pooled sample (x, y) is re-split ``num_permutations`` times into groups of the original sizes
-    n and m (uniformly random permutations, one key each), the statistic is recomputed on each split,
-    and the p-value is (1 + #{T_perm >= T_obs}) / (1 + B), which is valid at every level under H0:
-    P(p <= alpha) <= alpha (Phipson & Smyth, 2010; see the module docstring). Permutations are
-    vmapped in chunks of ``chunk_size`` run one after another, so memory is bounded by the chunk.
+    A thin keyword layer over :func:`permutation_test`: ``estimator`` names the statistic and the other
+    keywords configure it. p = (1 + #{T_perm >= T_obs}) / (1 + B), valid at every level under H0.
 
     Estimators:
-        * ``"knn"``: ``kljax.knn.kl(x, y, k=k, estimator=knn_estimator)`` on (n, d) samples (1-D
-          input is treated as d = 1); one statistic and one p-value. For the default ``"wkv"`` the
-          (N, N) distance matrix of the pool (N = n + m) is computed once and each permutation only
-          relabels its columns: O(N^2) per permutation whatever d, memory O(chunk_size N^2). Other
-          estimators call ``kljax.knn.kl(..., method=knn_method)`` on every re-split. Duplicated
-          points make the statistic undefined for some re-splits: ``ValueError`` eagerly, NaN
-          under ``jit``.
-        * ``"histogram"``: :func:`feature_histogram_kl` per feature; for (n, d) input the statistic and
-          p-value have shape (d,) (one joint permutation of the rows for all features, so each feature's
-          p-value is valid on its own; combine them with a multiple-testing rule, e.g. Bonferroni as
-          :class:`DriftMonitor` does). Bin edges: ``edges`` when given (they must not depend on x or
-          y, e.g. fixed on a separate part of the reference, otherwise the permuted statistics are not
-          exchangeable with the observed one); else ``bin_edges(pooled, bins, binning=binning)`` on the
-          pooled sample, a symmetric function of the pool and therefore exactly valid.
-        * a callable ``statistic(x, y) -> array``: any statistic of the two samples (pass the same
-          function object each time to avoid recompiling).
+        * ``"knn"``: :class:`KnnKL` (``k``, ``symmetric``) for ``knn_estimator="wkv"``, which equals
+          ``kljax.knn.kl(x, y, k=k, estimator="wkv")`` on the observed split; any other
+          ``knn_estimator`` calls ``kljax.knn.kl(..., estimator=knn_estimator, method=knn_method)``
+          on every re-split (slower). 1-D input is treated as d = 1.
+        * ``"histogram"``: :class:`HistogramKL` (``bins``, ``binning``, ``edges``, ``pseudocount``);
+          statistic and p-value of shape (d,) for (n, d) input, one per feature (combine them with
+          :func:`adjust_p_values`).
+        * ``"energy"``: :class:`EnergyDistance`, the baseline (not a KL).
+        * a statistic value or a callable ``statistic(x, y) -> array``.
 
     Args:
         key: a ``jax.random`` key.
         x: reference sample (P), shape (n,) or (n, d).
         y: window sample (Q), shape (m,) or (m, d), same number of features.
-        estimator: ``"knn"``, ``"histogram"`` or a callable, see above.
+        estimator: see above.
         num_permutations: B >= 1; the smallest attainable p-value is 1 / (B + 1).
-        chunk_size: permutations evaluated together by ``vmap`` (memory and speed knob; does not change
-            the result). None: 256 for ``"histogram"`` (one matmul per chunk), 4 for the ``"knn"``
-            distance-matrix path (each permutation streams an (N, N) matrix; measured fastest on
-            CPU), 64 otherwise.
-        k: neighbour order for ``"knn"``.
-        knn_estimator: ``estimator=`` passed to ``kljax.knn.kl``. The default ``"wkv"`` (Wang,
-            Kulkarni and Verdu 2009, eq. 5) is the cheapest: a bias correction buys nothing in a
-            permutation test, where every permuted statistic carries the same bias.
-        knn_method: ``method=`` passed to ``kljax.knn.kl``; the default ``"brute"`` is pure JAX and
-            vectorises over the permutations (a k-d tree would run them one by one on the host).
-        bins: number of bins for ``"histogram"`` when ``edges`` is None.
-        binning: ``"quantile"`` or ``"range"`` (see :func:`bin_edges`), when ``edges`` is None.
-        edges: fixed bin edges, shape (bins + 1,) or (d, bins + 1), for ``"histogram"``.
-        pseudocount: added to every histogram bin (see :func:`feature_histogram_kl`).
+        chunk_size: re-splits per vmapped chunk (memory knob; does not change the result).
+        k, symmetric: for ``"knn"``: the neighbour order (None: min(10, n - 1, m - 1), see
+            :class:`KnnKL`) and whether to add D(P_y || P_x).
+        knn_estimator, knn_method: for ``"knn"``, passed to ``kljax.knn.kl`` unless WKV.
+        bins, binning, edges, pseudocount: for ``"histogram"``.
 
     Returns:
-        ``(statistic, p_value)``: the KL estimate on the observed split and its p-value; scalars, or
-        shape (d,) for the per-feature histogram statistic; dtype of ``x``. NaN under ``jit`` when an
-        input has NaN.
+        ``(statistic, p_value)``: scalars, or shape (d,) for the per-feature histogram; dtype of ``x``.
+        NaN under ``jit`` when an input has NaN or inf (or a bad option value).
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -468,92 +961,198 @@ def kl_permutation_test(
         >>> kx, ky, kp = jax.random.split(jax.random.key(0), 3)
         >>> x = jax.random.normal(kx, (100, 2), jnp.float32)
         >>> y = jax.random.normal(ky, (50, 2), jnp.float32) + 1.5    # a clear shift
-        >>> statistic, p_value = kl_permutation_test(kp, x, y, estimator="knn", num_permutations=99)
+        >>> statistic, p_value = kl_permutation_test(kp, x, y, num_permutations=99)
         >>> print(float(p_value))                                # 1 / (B + 1): no permutation beats it
         0.01
-        >>> statistic, p_value = kl_permutation_test(kp, x, y, estimator="histogram",
-        ...                                          num_permutations=99)
+        >>> statistic, p_value = kl_permutation_test(kp, x, y, estimator="histogram", num_permutations=99)
         >>> p_value.shape                                        # one p-value per feature
         (2,)
 
     References:
         B. Phipson and G. K. Smyth, "Permutation p-values should never be zero", Stat. Appl. Genet.
         Mol. Biol. 9(1), 2010, eq. 2. https://doi.org/10.2202/1544-6115.1585
-        E. J. G. Pitman, "Significance tests which may be applied to samples from any populations",
-        J. R. Stat. Soc. Suppl. 4(1), 1937.
+        Q. Wang, S. R. Kulkarni and S. Verdu, IEEE Trans. Inf. Theory 55(5), 2009.
     """
-    if not callable(estimator) and estimator not in _ESTIMATORS:
-        raise ValueError(f"`estimator` must be one of {_ESTIMATORS} or a callable, got {estimator!r}.")
-    num_permutations = check_int("num_permutations", num_permutations, 1)
-    chunk_size = _default_chunk_size(estimator, knn_estimator) if chunk_size is None else chunk_size
-    chunk_size = check_int("chunk_size", chunk_size, 1)
-    x = _as_samples("x", x, min_rows=2)
-    y = _as_samples("y", y, min_rows=1)
-    if x.ndim != y.ndim or (x.ndim == 2 and x.shape[1] != y.shape[1]):
-        raise ValueError(f"`x` and `y` must have the same number of features, got shapes {x.shape} and {y.shape}.")
-    y = y.astype(x.dtype)
-    check_eagerly("x", x, not_nan)
-    check_eagerly("y", y, not_nan)
-
-    if estimator == "histogram":
-        check_eagerly("pseudocount", pseudocount, nonnegative)
-        if edges is None:
-            if binning not in _BINNINGS:
-                raise ValueError(f"`binning` must be one of {_BINNINGS}, got {binning!r}.")
-            check_int("bins", bins, 1)
-            edges = _bin_edges(jnp.concatenate([x, y], axis=0), int(bins), binning)
-        else:
-            edges = _check_edges(edges, x.shape[1] if x.ndim == 2 else None, x.dtype)
-            if (x.ndim == 2) != (edges.ndim == 2):
-                raise ValueError(f"`x` of shape {x.shape} needs `edges` of shape (d, bins + 1), got {edges.shape}.")
-        return _histogram_test(key, x, y, edges, jnp.asarray(pseudocount, x.dtype),
-                               num_permutations=num_permutations, chunk_size=chunk_size)
-
-    if estimator == "knn":
-        k = check_int("k", k, 1)
-        if x.shape[0] <= k or y.shape[0] < k:
-            raise ValueError(f"`k`={k} needs more than k rows in `x` and at least k in `y`, "
-                             f"got shapes {x.shape} and {y.shape}.")
-        _check_no_duplicates(x, y, k)
-    return _sample_test(key, x, y, estimator=estimator, k=k, knn_estimator=knn_estimator, knn_method=knn_method,
-                        num_permutations=num_permutations, chunk_size=chunk_size)
-
-
-def _default_chunk_size(estimator, knn_estimator) -> int:
-    if estimator == "histogram":
-        return 256
-    if estimator == "knn" and knn_estimator == "wkv":
-        return 4
-    return 64
-
-
-def _check_no_duplicates(x, y, k: int) -> None:
-    """Eagerly: some re-split would put k copies of a point next to it (log 0) -> ValueError."""
-    if not (is_concrete(x) and is_concrete(y)):
-        return
-    pooled = np.concatenate([np.asarray(x), np.asarray(y)]).reshape(x.shape[0] + y.shape[0], -1)
-    copies = np.unique(pooled, axis=0, return_counts=True)[1].max()
-    if copies > k:
-        raise ValueError(
-            f"the pooled sample (x, y) has a point with {copies} exact copies: for some re-splits its k-th "
-            f"nearest-neighbour distance is 0 (k={k}) and the kNN statistic is undefined (log 0). Remove "
-            "duplicates, add jitter, or raise `k` above the largest multiplicity.")
-
-
-def _sample_test(key, x, y, *, estimator, k, knn_estimator, knn_method, num_permutations, chunk_size):
-    """The "knn" and callable statistics; WKV takes the shared-distance-matrix path."""
-    if estimator == "knn":
-        if x.ndim == 1:
-            x, y = x[:, None], y[:, None]
-        if knn_estimator == "wkv":
-            return _knn_wkv_test(key, x, y, k=k, num_permutations=num_permutations, chunk_size=chunk_size)
-        estimator = _KnnStatistic(k, knn_estimator, knn_method)
-    return _generic_test(key, x, y, statistic=estimator, num_permutations=num_permutations,
-                         chunk_size=chunk_size)
+    statistic = _statistic_from_options(estimator, k=k, knn_estimator=knn_estimator, knn_method=knn_method,
+                                        bins=bins, binning=binning, edges=edges, pseudocount=pseudocount,
+                                        symmetric=symmetric)
+    return permutation_test(key, statistic, x, y, num_permutations=num_permutations, chunk_size=chunk_size)
 
 
 # --------------------------------------------------------------------------------------------------
-# Stream monitor
+# Several p-values: multiple-testing adjustment
+# --------------------------------------------------------------------------------------------------
+
+
+def adjust_p_values(p_values, method: str = "bonferroni") -> jax.Array:
+    """Multiple-testing adjusted p-values over the last axis (one entry per feature).
+
+    * ``"bonferroni"``: min(1, d p_j); rejecting where the adjusted value is <= alpha keeps the
+      family-wise error rate <= alpha under any dependence between the features.
+    * ``"bh"``: Benjamini-Hochberg step-up, adjusted p_(i) = min_{j >= i} min(1, d p_(j) / j) for the
+      sorted p-values; rejecting where it is <= alpha keeps the false discovery rate <= alpha under
+      independence or positive dependence (PRDS). Its smallest value is Simes' global p-value
+      min_i d p_(i) / i, a valid test of "no feature drifted" under the same conditions and never
+      larger than Bonferroni's.
+
+    A NaN p-value (an unscorable feature) makes every adjusted value of its slice NaN.
+
+    Args:
+        p_values: p-values, shape (..., d).
+        method: ``"bonferroni"`` or ``"bh"``.
+
+    Returns:
+        Adjusted p-values, same shape and dtype.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from kljax.drift import adjust_p_values
+        >>> p = jnp.array([0.01, 0.04, 0.03, 0.5])
+        >>> [round(v, 4) for v in adjust_p_values(p).tolist()]
+        [0.04, 0.16, 0.12, 1.0]
+        >>> [round(v, 4) for v in adjust_p_values(p, "bh").tolist()]
+        [0.04, 0.0533, 0.0533, 0.5]
+
+    References:
+        Y. Benjamini and Y. Hochberg, JRSS B 57(1), 1995; Y. Benjamini and D. Yekutieli, "The control
+        of the false discovery rate in multiple testing under dependency", Ann. Statist. 29(4), 2001;
+        R. J. Simes, Biometrika 73(3), 1986.
+    """
+    p_values = as_float_array("p_values", p_values)
+    if p_values.ndim == 0:
+        raise ValueError(f"`p_values` must have a feature axis, got shape {p_values.shape}.")
+    if method not in _CORRECTIONS:
+        raise ValueError(f"`method` must be one of {_CORRECTIONS}, got {method!r}.")
+    check_eagerly("p_values", p_values, not_nan)
+    return _adjust_p_values(p_values, method)
+
+
+@functools.partial(jax.jit, static_argnames="method")
+def _adjust_p_values(p_values, method):
+    d = p_values.shape[-1]
+    if method == "bonferroni":
+        adjusted = jnp.minimum(1, d * p_values)
+    else:
+        order = jnp.argsort(p_values, axis=-1)
+        ranked = jnp.take_along_axis(p_values, order, axis=-1) * d / jnp.arange(1, d + 1, dtype=p_values.dtype)
+        ranked = jnp.minimum(1, jax.lax.cummin(ranked, axis=ranked.ndim - 1, reverse=True))
+        adjusted = jnp.zeros_like(ranked)
+        adjusted = jnp.put_along_axis(adjusted, order, ranked, axis=-1, inplace=False)
+    bad = jnp.any(jnp.isnan(p_values), axis=-1, keepdims=True)
+    return jnp.where(bad, jnp.nan, adjusted).astype(p_values.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Stream alarms (three-valued)
+# --------------------------------------------------------------------------------------------------
+
+
+class MonitorState(NamedTuple):
+    """Stream state of a :class:`DriftMonitor` (the optax-style ``init``/``update`` state).
+
+    Attributes:
+        run_length: windows in a row, up to now, that were certainly significant.
+        possible_run_length: the same, counting windows of unknown significance (NaN p-value) as
+            significant: the longest run that may have happened.
+        alarm: 1.0 (alarm), 0.0 (no alarm) or NaN (unknown: an alarm if the unknown windows were
+            significant), after the last window.
+    """
+
+    run_length: jax.Array
+    possible_run_length: jax.Array
+    alarm: jax.Array
+
+
+def _initial_state(dtype) -> MonitorState:
+    zero = jnp.zeros((), jnp.int32)
+    return MonitorState(zero, zero, jnp.zeros((), dtype))
+
+
+def _alarm_step(state: MonitorState, significant: jax.Array, consecutive: int) -> MonitorState:
+    """The one alarm rule: ``consecutive`` significant windows in a row, with Kleene's unknown."""
+    certain = significant == 1
+    unknown = jnp.isnan(significant)
+    run_length = jnp.where(certain, state.run_length + 1, 0)
+    possible = jnp.where(certain | unknown, state.possible_run_length + 1, 0)
+    alarm = jnp.where(run_length >= consecutive, 1, jnp.where(possible >= consecutive, jnp.nan, 0))
+    return MonitorState(run_length, possible, alarm.astype(state.alarm.dtype))
+
+
+def sustained_alarms(significant, consecutive: int) -> jax.Array:
+    """Alarm at window t when windows t - consecutive + 1, ..., t were all significant.
+
+    Boolean input gives boolean alarms. Floating input is three-valued: 1 significant, 0 not, NaN
+    unknown; the alarm is then 1.0, 0.0, or NaN where it depends on unknown windows (Kleene's logic:
+    a run with one non-significant window is 0 whatever the unknown ones were).
+
+    Args:
+        significant: over windows, shape (T,), bool or float (1 / 0 / NaN).
+        consecutive: r >= 1 windows in a row needed to raise the alarm.
+
+    Returns:
+        Alarms, shape (T,): bool for bool input, else the input's float dtype with NaN for unknown.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from kljax.drift import sustained_alarms
+        >>> sustained_alarms(jnp.array([1, 0, 1, 1, 1, 0], bool), 2).tolist()
+        [False, False, False, True, True, False]
+        >>> sustained_alarms(jnp.array([1.0, jnp.nan, 1.0, 1.0, 0.0]), 2).tolist()
+        [0.0, nan, nan, 1.0, 0.0]
+
+    References:
+        S. C. Kleene, "Introduction to Metamathematics", 1952, sec. 64 (strong three-valued logic).
+    """
+    consecutive = check_int("consecutive", consecutive, 1)
+    significant = jnp.asarray(significant)
+    if significant.dtype == bool:
+        return _sustained_alarms(significant.astype(jnp.float32), consecutive) == 1
+    return _sustained_alarms(as_float_array("significant", significant), consecutive)
+
+
+@functools.partial(jax.jit, static_argnames="consecutive")
+def _sustained_alarms(significant: jax.Array, consecutive: int) -> jax.Array:
+    def step(state, s):
+        state = _alarm_step(state, s, consecutive)
+        return state, state.alarm
+
+    return jax.lax.scan(step, _initial_state(significant.dtype), significant)[1]
+
+
+def expected_windows_to_false_alarm(alpha: float, consecutive: int) -> float:
+    """ARL_0: expected number of windows to the first false alarm when each window is independently
+    significant with probability ``alpha`` (the waiting time for ``consecutive`` = r successes in a row).
+
+        ARL_0 = (1 - alpha^r) / ((1 - alpha) alpha^r)
+
+    Discrete permutation p-values make the per-window rate at most alpha, so this is a lower bound
+    on the expected run length for independent windows; windows that share a reference are
+    positively correlated, which ``experiments/drift_monitor`` measures.
+
+    Args:
+        alpha: per-window level in (0, 1).
+        consecutive: r >= 1.
+
+    Returns:
+        The expected number of windows (a Python float).
+
+    Example:
+        >>> from kljax.drift import expected_windows_to_false_alarm
+        >>> round(expected_windows_to_false_alarm(0.05, 1), 6), round(expected_windows_to_false_alarm(0.05, 2), 1)
+        (20.0, 420.0)
+
+    References:
+        W. Feller, "An Introduction to Probability Theory and its Applications", vol. 1, 3rd ed., 1968,
+        ch. XIII.7 (runs of successes).
+    """
+    consecutive = check_int("consecutive", consecutive, 1)
+    if not 0 < alpha < 1:
+        raise ValueError(f"`alpha` must be in (0, 1), got {alpha!r}.")
+    return (1 - alpha ** consecutive) / ((1 - alpha) * alpha ** consecutive)
+
+
+# --------------------------------------------------------------------------------------------------
+# The monitor: a pure init/update pair over MonitorState; run is one lax.scan
 # --------------------------------------------------------------------------------------------------
 
 
@@ -561,101 +1160,74 @@ class WindowScore(NamedTuple):
     """What :meth:`DriftMonitor.score` reports for one window.
 
     Attributes:
-        statistic: the KL estimate(s): shape (d,) per feature for ``"histogram"``, else the shape the
-            statistic has (a scalar for ``"knn"``).
+        statistic: the statistic: shape (d,) per feature for the histogram statistics, else its shape
+            (a scalar for the kNN KL).
         p_value: the permutation p-value of each entry of ``statistic``.
-        window_p_value: Bonferroni-combined p-value of the window, min(1, d * min_j p_j).
-        significant: ``window_p_value <= alpha``.
+        adjusted_p_value: ``p_value`` adjusted for the number of entries (:func:`adjust_p_values`).
+        window_p_value: the window's p-value, the smallest adjusted p-value.
+        significant: 1.0 when ``window_p_value <= alpha``, 0.0 when not, NaN when the p-value is NaN.
     """
 
     statistic: jax.Array
     p_value: jax.Array
+    adjusted_p_value: jax.Array
     window_p_value: jax.Array
     significant: jax.Array
 
 
-class MonitorState(NamedTuple):
-    """Stream state of a :class:`DriftMonitor`: consecutive significant windows so far and the alarm."""
-
-    run_length: jax.Array
-    alarm: jax.Array
-
-
-def sustained_alarms(significant, consecutive: int) -> jax.Array:
-    """Alarm at window t when windows t - consecutive + 1, ..., t were all significant.
-
-    Args:
-        significant: booleans over windows, shape (T,).
-        consecutive: r >= 1 windows in a row needed to raise the alarm.
-
-    Returns:
-        Booleans, shape (T,).
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> from kljax.drift import sustained_alarms
-        >>> sustained_alarms(jnp.array([1, 0, 1, 1, 1, 0], bool), 2).tolist()
-        [False, False, False, True, True, False]
-    """
-    consecutive = check_int("consecutive", consecutive, 1)
-    return _sustained_alarms(jnp.asarray(significant, bool), consecutive)
-
-
-@functools.partial(jax.jit, static_argnames="consecutive")
-def _sustained_alarms(significant: jax.Array, consecutive: int) -> jax.Array:
-    def step(run_length, s):
-        run_length = jnp.where(s, run_length + 1, 0)
-        return run_length, run_length >= consecutive
-
-    return jax.lax.scan(step, jnp.zeros((), jnp.int32), significant)[1]
+class _MonitorConfig(NamedTuple):
+    alpha: float
+    consecutive: int
+    num_permutations: int
+    chunk_size: int
+    correction: str
 
 
 @jax.tree_util.register_pytree_node_class
 class DriftMonitor:
-    """Scores production windows against a fixed reference sample: KL statistic, p-value, alarm.
+    """Scores production windows against a fixed reference sample: statistic, p-value, alarm.
 
-    Per window (level ``alpha``): a permutation test of reference vs window
-    (:func:`kl_permutation_test`). With the per-feature ``"histogram"`` statistic the d feature
-    p-values are combined by Bonferroni, p_window = min(1, d * min_j p_j), which keeps the chance of a
-    false "significant" at most alpha whatever the dependence between features (pixels are strongly
-    correlated, so no independence-based correction would be valid). Because permutation p-values are
-    multiples of 1 / (B + 1), Bonferroni can only fire when d / (B + 1) <= alpha; the default B is
-    chosen so that d / (B + 1) <= alpha / 5, and a smaller explicit B raises ``ValueError``.
+    Per window: a permutation test (:func:`permutation_test`) of the reference against the window at
+    level ``alpha``; several p-values (per feature) are adjusted by ``correction`` (:func:`adjust_p_values`:
+    Bonferroni, valid under any dependence; ``"bh"``, Simes' global test, valid under positive
+    dependence) and the window's p-value is the smallest adjusted one. Bonferroni's smallest window
+    p-value is d / (B + 1), so the default B is max(199, ceil(5 d / alpha) - 1) and a B with which the
+    monitor could never alarm raises ``ValueError``.
 
-    Over the stream: an alarm needs ``consecutive`` significant windows in a row. Each window has
-    P(significant) <= alpha under no drift, so the per-window false-alarm probability is at most alpha
-    for any dependence between windows, and about alpha ** consecutive when windows are independent
-    given the reference (they all share the reference, which correlates them slightly; the tests and
-    ``experiments/drift_monitor`` measure the rate). The price is a delay of consecutive - 1 windows
-    after a real shift. We prefer this to alpha-spending over time (level alpha * 6 / (pi t)^2 at
-    window t keeps the probability of any false alarm over an endless stream <= alpha, but the level
-    and hence the power vanish as the stream ages, and B would have to grow like t^2 / alpha).
+    Over the stream: an alarm needs ``consecutive`` = r significant windows in a row. P(significant) <=
+    alpha per window under no drift; for independent windows the expected number of windows to the
+    first false alarm is :func:`expected_windows_to_false_alarm` (420 at alpha = 0.05, r = 2), and
+    ``experiments/drift_monitor`` measures it with the shared reference. The price is a delay of
+    r - 1 windows after a real shift. Under ``jit`` a window with NaN or inf values has a NaN p-value
+    and unknown significance; the alarm is then NaN where it depends on it (see :func:`sustained_alarms`),
+    and such a window neither resets nor extends the run silently. Eagerly such a window raises.
 
-    Binning (``"histogram"``): the edges are fixed on the reference. So that the permuted statistics
-    stay exchangeable with the observed one, the edges come from the even rows of the reference
-    (``reference[0::2]``) and the test uses the odd rows (``reference[1::2]``), which are independent
-    of the edges when the reference rows are i.i.d. Pass ``edges`` to use the whole reference.
+    Histogram binning: so that the permuted statistics stay exchangeable with the observed one, the
+    edges come from the even rows of the reference (``reference[0::2]``) and the test uses the odd rows,
+    which are independent of the edges when the rows are i.i.d. Pass ``edges`` to use the whole reference.
 
-    The monitor is a pytree (the reference and edges are its leaves), so it can be passed through
-    ``jax.jit``; ``score``, ``update`` and ``run`` are pure.
+    ``init``/``update`` are the pure pair (optax's ``GradientTransformation`` shape): ``update(state,
+    key, window) -> (state, score)``; ``run`` is one ``lax.scan`` of ``update``. The monitor is a pytree
+    (reference and statistic parameters are leaves), so it passes through ``jax.jit`` and monitors with
+    the same configuration share compiled code.
 
     Args:
         reference: reference sample, shape (n,) or (n, d).
-        estimator: ``"histogram"`` (per-feature), ``"knn"`` (multivariate) or a callable statistic.
-        alpha: per-window significance level (after Bonferroni).
+        estimator: ``"histogram"`` (per feature), ``"knn"`` (multivariate KL), ``"energy"``, a statistic
+            value (:class:`KnnKL`, :class:`HistogramKL`, :class:`CategoricalKL`, :class:`EnergyDistance`)
+            or a callable ``statistic(x, y)``.
+        alpha: per-window significance level (after the correction).
         consecutive: significant windows in a row needed for an alarm.
-        num_permutations: B; default max(199, ceil(5 d / alpha) - 1) with d the number of p-values.
-        chunk_size: permutations per vmapped chunk (None: as in :func:`kl_permutation_test`).
-        k, knn_estimator, knn_method: for ``"knn"`` (see :func:`kl_permutation_test`).
-        bins, binning, pseudocount: for ``"histogram"`` (see :func:`bin_edges`,
-            :func:`feature_histogram_kl`).
-        edges: fixed bin edges independent of the reference; then the whole reference is tested.
+        num_permutations: B; default max(199, ceil(5 d / alpha) - 1), d the number of p-values.
+        chunk_size: re-splits per vmapped chunk (None: 32).
+        correction: ``"bonferroni"`` or ``"bh"``.
+        k, symmetric, knn_estimator, knn_method: for ``"knn"`` (see :func:`kl_permutation_test`).
+        bins, binning, pseudocount, edges: for ``"histogram"``.
 
     Example:
         >>> import jax, jax.numpy as jnp
         >>> from kljax.drift import DriftMonitor
-        >>> key = jax.random.key(0)
-        >>> reference = jax.random.normal(key, (400, 3), jnp.float32)
+        >>> reference = jax.random.normal(jax.random.key(0), (400, 3), jnp.float32)
         >>> monitor = DriftMonitor(reference, estimator="histogram", alpha=0.05, bins=8)
         >>> monitor.num_permutations          # ceil(5 * 3 / 0.05) - 1, so that Bonferroni can fire
         299
@@ -664,158 +1236,148 @@ class DriftMonitor:
         >>> windows = jnp.stack([jax.random.normal(k, (100, 3), jnp.float32) + s for k, s in zip(window_keys, shifts)])
         >>> scores, alarms = monitor.run(jax.random.key(2), windows)
         >>> alarms.tolist()
-        [False, False, False, False, True, True]
+        [0.0, 0.0, 0.0, 0.0, 1.0, 1.0]
 
     References:
-        C. E. Bonferroni, "Teoria statistica delle classi e calcolo delle probabilita", 1936;
-        Rabanser, Guennemann and Lipton, "Failing loudly", NeurIPS 2019 (per-feature univariate tests
-        with Bonferroni for dataset shift); Phipson and Smyth, 2010 (the p-value).
+        Rabanser, Guennemann and Lipton, "Failing loudly", NeurIPS 2019 (per-feature tests with
+        Bonferroni for dataset shift); Phipson and Smyth, 2010 (the p-value); Benjamini and Hochberg, 1995.
     """
 
     def __init__(self, reference, *, estimator="histogram", alpha: float = 0.05, consecutive: int = 2,
-                 num_permutations: int | None = None, chunk_size: int | None = None, k: int = 1,
+                 num_permutations: int | None = None, chunk_size: int | None = None,
+                 correction: str = "bonferroni", k: int | None = None, symmetric: bool = False,
                  knn_estimator: str = "wkv", knn_method: str = "brute", bins: int = 10,
                  binning: str = "quantile", pseudocount: float = 0.5, edges=None):
-        if not callable(estimator) and estimator not in _ESTIMATORS:
-            raise ValueError(f"`estimator` must be one of {_ESTIMATORS} or a callable, got {estimator!r}.")
         if not 0 < alpha < 1:
             raise ValueError(f"`alpha` must be in (0, 1), got {alpha!r}.")
+        if correction not in _CORRECTIONS:
+            raise ValueError(f"`correction` must be one of {_CORRECTIONS}, got {correction!r}.")
         consecutive = check_int("consecutive", consecutive, 1)
-        chunk_size = _default_chunk_size(estimator, knn_estimator) if chunk_size is None else chunk_size
-        chunk_size = check_int("chunk_size", chunk_size, 1)
+        chunk_size = check_int("chunk_size", 32 if chunk_size is None else chunk_size, 1)
         reference = _as_samples("reference", reference, min_rows=2)
-        check_eagerly("reference", reference, not_nan)
+        check_eagerly("reference", reference, real)
+        statistic = _statistic_from_options(estimator, k=k, knn_estimator=knn_estimator, knn_method=knn_method,
+                                            bins=bins, binning=binning, edges=edges, pseudocount=pseudocount,
+                                            symmetric=symmetric)
+        if isinstance(statistic, HistogramKL) and statistic.edges is None:
+            if reference.shape[0] < 4:
+                raise ValueError("`reference` needs at least 4 rows (half fix the bins, half are tested).")
+            statistic = dataclasses.replace(statistic, edges=bin_edges(reference[0::2], statistic.bins,
+                                                                       binning=statistic.binning))
+            reference = reference[1::2]
+        if isinstance(statistic, KnnKL):  # the window's rows and duplicates are checked by score
+            if statistic.k is not None and reference.shape[0] <= statistic.k:
+                raise ValueError(f"`reference` needs more than k={statistic.k} rows, got shape {reference.shape}.")
+        elif not isinstance(statistic, _Callable):
+            statistic.check(reference, reference)  # options only
         num_features = 1 if reference.ndim == 1 else reference.shape[1]
-        if estimator == "histogram":
-            check_eagerly("pseudocount", pseudocount, nonnegative)
-            if edges is None:
-                if reference.shape[0] < 4:
-                    raise ValueError("`reference` needs at least 4 rows (half fix the bins, half are tested).")
-                edges = bin_edges(reference[0::2], bins, binning=binning)
-                reference = reference[1::2]
-            else:
-                edges = _check_edges(edges, num_features if reference.ndim == 2 else None, reference.dtype)
-            num_tests = num_features
-        else:
-            num_tests = 1  # "knn" is one multivariate test; a callable's output size is checked on first use
+        num_tests = num_features if isinstance(statistic, (HistogramKL, CategoricalKL)) else 1
         if num_permutations is None:
             num_permutations = max(199, math.ceil(5 * num_tests / alpha) - 1)
         num_permutations = check_int("num_permutations", num_permutations, 1)
-        _check_bonferroni_can_fire(num_tests, num_permutations, alpha)
+        _check_can_fire(num_tests, num_permutations, alpha, correction)
         self.reference = reference
-        self.edges = edges
-        self.config = _MonitorConfig(estimator, float(alpha), consecutive, num_permutations, chunk_size,
-                                     check_int("k", k, 1), knn_estimator, knn_method, float(pseudocount))
+        self.statistic = statistic
+        self.config = _MonitorConfig(float(alpha), consecutive, num_permutations, chunk_size, correction)
 
-    # The pytree protocol: arrays are leaves, the configuration is static (hashable).
+    # The pytree protocol: the reference and the statistic's parameters are leaves, the rest is static.
     def tree_flatten(self):
-        return (self.reference, self.edges), self.config
+        return (self.reference, self.statistic), self.config
 
     @classmethod
     def tree_unflatten(cls, config, leaves):
         monitor = object.__new__(cls)
-        monitor.reference, monitor.edges = leaves
+        monitor.reference, monitor.statistic = leaves
         monitor.config = config
         return monitor
 
-    estimator = property(lambda self: self.config.estimator)
     alpha = property(lambda self: self.config.alpha)
     consecutive = property(lambda self: self.config.consecutive)
     num_permutations = property(lambda self: self.config.num_permutations)
+    edges = property(lambda self: getattr(self.statistic, "edges", None))
 
-    def _check_window(self, window) -> jax.Array:
-        window = _as_samples("window", window)
+    def _check_window(self, window, name="window") -> jax.Array:
+        window = _as_samples(name, window)
         if window.ndim != self.reference.ndim or (window.ndim == 2 and window.shape[1] != self.reference.shape[1]):
-            raise ValueError(f"`window` of shape {window.shape} does not match the reference's features "
+            raise ValueError(f"`{name}` of shape {window.shape} does not match the reference's features "
                              f"(reference shape {self.reference.shape}).")
-        check_eagerly("window", window, not_nan)
-        return window.astype(self.reference.dtype)
+        check_eagerly(name, window, real)
+        window = window.astype(self.reference.dtype)
+        try:
+            self.statistic.check(self.reference, window)
+        except ValueError as error:
+            raise ValueError(f"`{name}` cannot be scored: {error}") from None
+        return window
 
     def score(self, key, window) -> WindowScore:
         """Permutation test of the reference against one window (no stream state).
 
         Args:
             key: a ``jax.random`` key.
-            window: shape (m,) or (m, d), matching the reference.
+            window: shape (m,) or (m, d), matching the reference; finite, with enough rows for the statistic.
 
         Returns:
             A :class:`WindowScore`.
         """
-        window = self._check_window(window)
-        if self.config.estimator == "knn":
-            _check_no_duplicates(self.reference, window, self.config.k)
-        return _score(self, key, window)
+        return _score(self, key, self._check_window(window))
 
     def init(self) -> MonitorState:
         """The state before the first window: no run of significant windows, no alarm."""
-        return MonitorState(jnp.zeros((), jnp.int32), jnp.zeros((), bool))
+        return _initial_state(self.reference.dtype)
 
     def update(self, state: MonitorState, key, window) -> tuple[MonitorState, WindowScore]:
-        """Scores the next window and updates the alarm (``consecutive`` significant in a row).
+        """Scores the next window and updates the alarm (pure: returns the new state).
 
         Returns:
-            ``(new_state, score)``; ``new_state.alarm`` is the alarm after this window.
+            ``(new_state, score)``; ``new_state.alarm`` is the alarm after this window (1.0 / 0.0 / NaN).
         """
         score = self.score(key, window)
-        run_length = jnp.where(score.significant, state.run_length + 1, 0)
-        return MonitorState(run_length, run_length >= self.consecutive), score
+        return _alarm_step(state, score.significant, self.consecutive), score
 
     def run(self, key, windows) -> tuple[WindowScore, jax.Array]:
-        """Scores a stream of equal-sized windows, shape (T, m) or (T, m, d), from a fresh state.
+        """Scores a stream of equal-sized windows, shape (T, m) or (T, m, d), from :meth:`init`.
 
-        Window t uses the key ``jax.random.split(key, T)[t]``. Eagerly the windows are scored one by
-        one with the compiled :meth:`score`; under ``jit``/``vmap`` by one ``lax.map``; both give the
-        same result.
+        Window t uses the key ``jax.random.split(key, T)[t]``; one ``lax.scan`` of :meth:`update`.
 
         Returns:
             ``(scores, alarms)``: a :class:`WindowScore` whose fields have a leading T axis, and the
-            alarm after each window, shape (T,).
+            alarm after each window, shape (T,): 1.0, 0.0, or NaN (unknown).
         """
         windows = as_float_array("windows", windows)
         if windows.ndim != self.reference.ndim + 1:
             raise ValueError(f"`windows` must have shape (T,) + window shape, got {windows.shape} for "
                              f"reference shape {self.reference.shape}.")
-        windows = self._check_window(windows.reshape((-1,) + windows.shape[2:])).reshape(windows.shape)
-        keys = jax.random.split(key, windows.shape[0])
-        if is_concrete(windows) and all(is_concrete(leaf) for leaf in jax.tree.leaves((self, keys))):
-            rows = [self.score(window_key, window) for window_key, window in zip(keys, windows)]
-            scores = jax.tree.map(lambda *fields: jnp.stack(fields), *rows)
-        else:
-            scores = jax.lax.map(lambda args: _score(self, *args), (keys, windows))
-        return scores, sustained_alarms(scores.significant, self.consecutive)
+        for window in (windows if is_concrete(windows) else windows[:1]):
+            self._check_window(window, "windows")
+        return _run(self, jax.random.split(key, windows.shape[0]), windows.astype(self.reference.dtype))
 
 
-class _MonitorConfig(NamedTuple):
-    estimator: Any
-    alpha: float
-    consecutive: int
-    num_permutations: int
-    chunk_size: int
-    k: int
-    knn_estimator: str
-    knn_method: str
-    pseudocount: float
-
-
-def _check_bonferroni_can_fire(num_tests: int, num_permutations: int, alpha: float) -> None:
-    if num_tests / (num_permutations + 1) > alpha:
+def _check_can_fire(num_tests: int, num_permutations: int, alpha: float, correction: str) -> None:
+    smallest = (num_tests if correction == "bonferroni" else 1) / (num_permutations + 1)
+    if smallest > alpha:
         raise ValueError(
-            f"`num_permutations`={num_permutations} is too small: with {num_tests} Bonferroni-combined "
-            f"p-values the smallest window p-value is {num_tests}/(B + 1) > alpha={alpha}, so the "
-            f"monitor could never alarm. Use B >= {math.ceil(num_tests / alpha) - 1}.")
+            f"`num_permutations`={num_permutations} is too small: with {num_tests} p-values and correction "
+            f"{correction!r} the smallest window p-value is {smallest:.4g} > alpha={alpha}, so the monitor "
+            f"could never alarm. Use B >= {math.ceil(num_tests / alpha) - 1}.")
 
 
 @jax.jit
 def _score(monitor: DriftMonitor, key, window) -> WindowScore:
     config = monitor.config
-    if config.estimator == "histogram":
-        statistic, p_value = _histogram_test(
-            key, monitor.reference, window, monitor.edges, jnp.asarray(config.pseudocount, window.dtype),
-            num_permutations=config.num_permutations, chunk_size=config.chunk_size)
-    else:
-        statistic, p_value = _sample_test(key, monitor.reference, window, estimator=config.estimator, k=config.k,
-                                          knn_estimator=config.knn_estimator, knn_method=config.knn_method,
-                                          num_permutations=config.num_permutations, chunk_size=config.chunk_size)
-    _check_bonferroni_can_fire(p_value.size, config.num_permutations, config.alpha)
-    window_p_value = jnp.minimum(1, p_value.size * jnp.min(p_value)).astype(p_value.dtype)
-    return WindowScore(statistic, p_value, window_p_value, window_p_value <= config.alpha)
+    statistic, p_value = _permutation_test(key, monitor.reference, window, monitor.statistic,
+                                           num_permutations=config.num_permutations, chunk_size=config.chunk_size)
+    _check_can_fire(p_value.size, config.num_permutations, config.alpha, config.correction)
+    adjusted = _adjust_p_values(p_value.reshape(-1), config.correction).reshape(p_value.shape)
+    window_p_value = jnp.min(adjusted)  # NaN if any is NaN
+    significant = jnp.where(jnp.isnan(window_p_value), jnp.nan, window_p_value <= config.alpha)
+    return WindowScore(statistic, p_value, adjusted, window_p_value, significant.astype(window_p_value.dtype))
+
+
+@jax.jit
+def _run(monitor: DriftMonitor, keys, windows):
+    def step(state, inputs):
+        score = _score(monitor, *inputs)
+        state = _alarm_step(state, score.significant, monitor.consecutive)
+        return state, (score, state.alarm)
+
+    return jax.lax.scan(step, monitor.init(), (keys, windows))[1]

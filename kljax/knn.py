@@ -7,58 +7,60 @@ axes allowed, equal for ``x`` and ``y``), the estimators compare, for every ``x_
 more mass near ``x_i`` than P does.
 
 Functions:
-    neighbors       exact Euclidean k-NN (distances, indices); tiled brute force, k-d tree or sharded
-    kl              D(P || Q) from samples; ``ESTIMATORS`` lists the estimators
-    entropy         Kozachenko-Leonenko differential entropy of P
-    cross_entropy   k-NN cross-entropy H(P, Q) = -E_P[log q]
+    neighbors            exact Euclidean or Chebyshev k-NN (distances, indices); tiled brute force,
+                         k-d tree or sharded
+    kl                   D(P || Q) from samples; ``ESTIMATORS`` lists the estimators
+    kl_with_stderr       the same and its jackknife standard error
+    entropy              Kozachenko-Leonenko differential entropy of P (``entropy_with_stderr``)
+    cross_entropy        k-NN cross-entropy H(P, Q) = -E_P[log q]
+    mutual_information   Kraskov-Stoegbauer-Grassberger I(X; Y) of paired samples
 
 Estimators of ``kl`` (``estimator=``):
 
 =================  ==============================================================================
-``"weighted"``     (default) weighted average of WKV over the orders k, 2k, ..., 16k whose weights
+``"selected"``     (default) per sample, ``"weighted"`` or ``"wkv"``, whichever has the smaller
+                   estimated mean squared error (jackknife variances, WKV's bias estimated by the
+                   difference of the two); plain WKV where the weights exceed 1.5 (d > 15)
+``"weighted"``     weighted average of WKV over the orders k, 2k, ..., 16k whose weights
                    cancel the leading bias term (Berrett, Samworth & Yuan 2019 weights)
 ``"wkv"``          Wang, Kulkarni & Verdu (2009) eq. (5), exactly as published
 ``"wkv_adaptive"`` WKV with sample-dependent orders l_i, k_i and digamma correction (WKV 2009 Sec. III)
 =================  ==============================================================================
 
-The default was chosen by measured RMSE against the closed-form KL of the Gaussian pairs of
-``experiments.knn_accuracy`` (shifted means, different correlated covariances; n = m, k = 1, 50
-seeds per cell, float32; ``python -m experiments.knn_accuracy``). RMSE (bias) in nats:
+The default's rule: never be the wrong choice, i.e. an RMSE at most 1.1x textbook WKV's wherever
+WKV is nearly unbiased, and well below it where WKV's bias dominates. ``"weighted"`` alone fails
+the first half: where WKV's bias is small (P = Q, or high d at small n) the weights only add
+variance, and they grow with d (largest 1.0 at d = 10, 6.1 at d = 64 over 16 orders), so at
+d = 64, n = 100 its RMSE is several times WKV's. ``"selected"`` takes the weights only when they
+pay for their variance in the sample at hand, and never where they exceed 1.5. The study that
+chose it is ``experiments.knn_accuracy`` (Gaussian families; its tables and figures are in the
+report); measured cells where it loses to WKV by more than 10% are listed there.
 
-=====  ======  ====  =====================  ===============  ================
-d      n       KL    ``weighted`` (def.)    ``wkv``          ``wkv_adaptive``
-=====  ======  ====  =====================  ===============  ================
-1      1000    0.40  0.054 (+0.005)         0.082 (+0.010)   0.075 (+0.017)
-2      1000    0.65  0.096 (-0.066)         0.111 (-0.065)   0.097 (-0.052)
-5      1000    0.88  0.171 (-0.150)         0.212 (-0.196)   0.206 (-0.192)
-10     1000    1.30  0.333 (-0.306)         0.512 (-0.504)   0.560 (-0.556)
-20     1000    2.06  0.520 (-0.461)         1.099 (-1.094)   1.279 (-1.276)
-1      10000   0.40  0.016 (+0.000)         0.028 (+0.002)   0.024 (+0.001)
-2      10000   0.65  0.039 (-0.028)         0.037 (-0.021)   0.037 (-0.019)
-5      10000   0.88  0.095 (-0.091)         0.124 (-0.120)   0.116 (-0.112)
-10     10000   1.30  0.233 (-0.230)         0.397 (-0.396)   0.425 (-0.425)
-20     10000   2.06  0.480 (-0.476)         0.974 (-0.973)   1.114 (-1.113)
-=====  ======  ====  =====================  ===============  ================
-
-From d = 2 on every k-NN estimator is biased low here, and the bias, not the spread, dominates
-the error. A likely cause is that p/q is unbounded for this pair, so the estimates converge
-slowly. The weights remove about a quarter of the bias at d = 5 and about half at d = 20; at
-d = 2 nothing much is gained. Other weightings
-measured on the same pairs lower the RMSE ratio to WKV in a few cells but raise it in others:
-
-* orders up to 64;
-* a second bias constraint (l = 2);
-* a Lepski-type data-driven choice between them.
-
-For example, l = 2 over orders 1..32 gives 0.41 at d = 10, n = 10^4 but 0.96 at d = 20,
-n = 1000. So the default stays at one constraint over 16 orders.
-
-Duplicated points. The estimators take logarithms of neighbour distances, which are 0 when a
-point has at least k exact copies (in ``x`` for ``rho``, in ``y`` for ``nu``). Such data are not
-from a continuous distribution and the estimate is undefined (it would be +-inf or NaN). Policy:
-with concrete inputs a ``ValueError`` says which sample has duplicates (remove them, add jitter,
-or raise k above the largest multiplicity); under ``jax.jit`` the estimate is NaN. A point of
+Ties (exact copies), ``ties=``. The estimators take logarithms of neighbour distances, which are
+0 when a point has exact copies (in ``x`` for ``rho``, in ``y`` for ``nu``). Continuous data get
+copies from rounding: 10^4 float32 draws of ``jax.random.normal`` hold a few tied pairs (0.1% of
+the points; 1% at 10^5, 11% at 10^6). Policy ``ties="auto"`` (default): a point with ``c`` copies
+counts them as its nearest neighbours (they are, at a distance below the rounding) but uses the
+first *positive* distance, that of order ``k + c``, with ``psi(k + c)`` in place of ``psi(k)``:
+the sample-dependent orders of WKV (2009, Sec. III), whose ball-mass argument holds for every
+order, so the copies add no bias beyond that of rounding itself (which moves every distance by
+up to one unit of resolution). Data that look discrete are refused: more than 10% of the points
+of ``x`` with a copy in ``x`` (or in ``y``), a point with more than 8 copies, or too few points
+at a positive distance; there rounding, not the density, sets the distances (measured on N(0, 1)
+rounded to a grid of 1e-5 with n = 10^4: 2.7% of points tied, entropy biased by +0.09 nats).
+``ties="error"``: any zero k-th distance is refused (the former policy). Refusals raise
+``ValueError`` naming the sample with concrete inputs and give NaN under ``jax.jit``. A point of
 ``x`` is never its own neighbour: ``rho`` excludes it by index, so a duplicate *is* found.
+
+Standard errors (``kl_with_stderr``, ``entropy_with_stderr``): the delete-one jackknife (two-sample
+for KL), computed in closed form from one search of one extra order, since deleting a point only
+moves the neighbour distances of the points that had it among their first k (or 16k) neighbours.
+They cover the sampling spread, never the bias; measured on 1-D and 2-D Gaussian shifts (n = m =
+1000, 200 seeds) the jackknife is conservative (standard errors 1.1-1.4x the spread over seeds,
+95% intervals covering the truth in 95-100% of seeds) where the bias is small.
+
+Mutual information: KSG estimator 1 on the joint sample with the max-norm, from the same engine
+(``metric="chebyshev"``) and an exact tiled count of the marginal neighbours within ``eps_i``.
 
 Non-finite points. A NaN or inf coordinate raises ``ValueError`` (naming the sample) with concrete
 inputs; under ``jax.jit`` every estimate that involves it is NaN, and so is every neighbour distance
@@ -73,6 +75,7 @@ still flow); ``"auto"`` takes the k-d tree for d <= 6 on a CPU backend and brute
 References:
     Q. Wang, S. R. Kulkarni, S. Verdu (2009), "Divergence estimation for multidimensional densities
     via k-nearest-neighbor distances", IEEE Trans. Inf. Theory 55(5), 2392-2405.
+    B. Efron, C. Stein (1981), "The jackknife estimate of variance", Ann. Statist. 9(3), 586-596.
     L. F. Kozachenko, N. N. Leonenko (1987), "Sample estimate of the entropy of a random vector",
     Problems Inform. Transmission 23(2), 95-101.
     A. Kraskov, H. Stoegbauer, P. Grassberger (2004), "Estimating mutual information",
@@ -85,20 +88,32 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.scipy.special import digamma
 
 from kljax import _knn_search
 from kljax._contract import as_float_array, check_eagerly, check_flag, check_int, is_concrete, real
 
-__all__ = ["ESTIMATORS", "neighbors", "kl", "entropy", "cross_entropy"]
+__all__ = ["ESTIMATORS", "TIES", "neighbors", "kl", "kl_with_stderr", "entropy", "entropy_with_stderr",
+           "cross_entropy", "mutual_information"]
 
-ESTIMATORS = ("weighted", "wkv", "wkv_adaptive")
+ESTIMATORS = ("selected", "weighted", "wkv", "wkv_adaptive")
+# "selected" considers "weighted" only while its largest weight is at most this (d <= 15 with 16
+# orders): larger weights make both the estimate and its jackknife variance unreliable at small n.
+_MAX_SELECTED_WEIGHT = 1.5
 # The weighted estimator averages WKV over the orders k, 2k, ..., _WEIGHTED_ORDERS * k.
 _WEIGHTED_ORDERS = 16
+# Tie policies (``ties=``), see the module docstring.
+TIES = ("auto", "error")
+# ties="auto" refuses data where more than this fraction of the points have an exact copy ...
+_MAX_TIED_FRACTION = 0.1
+# ... or where a point has more copies than this (the search looks this much deeper).
+_MAX_COPIES = 8
 
 
 # ------------------------------------------------------------------------------------------------
@@ -185,12 +200,17 @@ def _run(core, arrays, **static):
 
 
 def _finish(value, problems: dict, eager: bool):
-    """Raises (eager) or turns into NaN (traced) the estimates flagged by ``problems``."""
-    bad = jnp.zeros(jnp.shape(value), bool)
+    """Raises (eager) or turns into NaN (traced) the estimates flagged by ``problems``.
+
+    ``value`` is an array or a tuple of arrays of one shape (estimate, standard error)."""
+    first = value[0] if isinstance(value, tuple) else value
+    bad = jnp.zeros(jnp.shape(first), bool)
     for message, flag in problems.items():
         if eager and bool(jnp.any(flag)):
             raise ValueError(message)
         bad = bad | flag
+    if isinstance(value, tuple):
+        return tuple(jnp.where(bad, jnp.nan, v) for v in value)
     return jnp.where(bad, jnp.nan, value)
 
 
@@ -199,9 +219,20 @@ _DUPLICATES_IN_X = (
     "nearest-neighbour distance within `{x}` is 0 and the k-NN estimate is undefined (log 0). "
     "Remove duplicates, add jitter, or raise `k` above the largest multiplicity.")
 _DUPLICATES_ACROSS = (
-    "some point of `x` coincides with at least k={k} points of `y`, so its k-th nearest-neighbour "
+    "some point of `{x}` coincides with at least k={k} points of `{y}`, so its k-th nearest-neighbour "
     "distance in `y` is 0 and the k-NN estimate is undefined (log 0). Remove duplicates, add "
     "jitter, or raise `k` above the largest multiplicity.")
+_TIES_IN_X = (
+    "`{x}` looks discrete: more than {fraction:.0%} of its points have an exact copy in `{x}`, a "
+    "point has more than {copies} copies, or fewer than k={k} other points are at a positive "
+    "distance. The k-NN estimates need continuous data; copies from float rounding are handled "
+    "(ties=\"auto\") below these limits. Use unrounded (e.g. float64) data, add jitter at the "
+    "data's resolution, or use kljax.discrete for discrete data.")
+_TIES_ACROSS = (
+    "`{x}` and `{y}` share many exact points: more than {fraction:.0%} of the points of `{x}` have "
+    "an exact copy in `{y}`, a point has more than {copies} copies in `{y}`, or fewer than k={k} "
+    "points of `{y}` are at a positive distance. The k-NN estimates need continuous data; use "
+    "unrounded (e.g. float64) data, add jitter at the data's resolution, or use kljax.discrete.")
 _NOT_FINITE = "the input contains NaN or inf"
 
 
@@ -211,8 +242,8 @@ _NOT_FINITE = "the input contains NaN or inf"
 
 
 def neighbors(queries, refs, k: int, *, exclude_self: bool = False, block_size: int | None = None,
-              method: str = "auto") -> tuple[jax.Array, jax.Array]:
-    """Exact Euclidean k nearest neighbours of every query among ``refs``.
+              method: str = "auto", metric: str = "euclidean") -> tuple[jax.Array, jax.Array]:
+    """Exact k nearest neighbours of every query among ``refs``, Euclidean or Chebyshev.
 
     Distances are exact (recomputed from coordinate differences, never from the cancelling form
     ``|a|^2 - 2 a.b + |b|^2``), so they are never negative or NaN, also far from the origin. Ties
@@ -254,6 +285,9 @@ def neighbors(queries, refs, k: int, *, exclude_self: bool = False, block_size: 
             ``None`` picks 2048 (16 MiB tiles in float32, faster on CPU than larger ones; small
             problems are one tile). The k-d tree never forms the matrix.
         method: ``"auto"``, ``"brute"`` or ``"kdtree"``.
+        metric: ``"euclidean"`` (default) or ``"chebyshev"`` (max-norm ``max_c |q_c - r_c|``, the
+            metric of the KSG mutual information estimator; always the difference form on the
+            brute path, ``p=inf`` in the k-d tree; exact and sharded alike).
 
     Returns:
         ``(distances, indices)``, each ``(..., n, k)``, sorted ascending by distance; distances in the
@@ -286,29 +320,101 @@ def neighbors(queries, refs, k: int, *, exclude_self: bool = False, block_size: 
         _check_order(k, limit=m, limit_text=f"m = {m} (the number of refs)")
     _check_block_size(block_size)
     _knn_search.resolve_method(method, refs.shape[-1])
+    if metric not in _knn_search.METRICS:
+        raise ValueError(f"`metric` must be one of {_knn_search.METRICS}, got {metric!r}.")
     check_eagerly("queries", queries, real)
     check_eagerly("refs", refs, real)
     return _run(_neighbors_core, (queries, refs), k=int(k), exclude_self=bool(exclude_self),
-                block_size=block_size, method=method)
+                block_size=block_size, method=method, metric=metric)
 
 
-def _neighbors_core(queries, refs, *, splits, **options):
-    return _knn_search.search(queries, refs, query_split=splits[0], ref_split=splits[1], **options)
+def _neighbors_core(queries, refs, *, splits, metric="euclidean", **options):
+    return _knn_search.search(queries, refs, query_split=splits[0], ref_split=splits[1],
+                              metric=metric, **options)
 
 
-def _kth_distances(x, y, orders, *, block_size, method, splits):
-    """(rho, nu): distances (n, len(orders)) of the given neighbour orders within x and in y."""
-    largest = max(orders)
-    columns = np.asarray(orders) - 1
-    rho = _knn_search.search(x, x, largest, exclude_self=True, block_size=block_size, method=method,
-                             query_split=splits[0], ref_split=splits[0])[0]
-    nu = _knn_search.search(x, y, largest, block_size=block_size, method=method,
-                            query_split=splits[0], ref_split=splits[1])[0]
-    return rho[:, columns], nu[:, columns]
+class _Positive(NamedTuple):
+    """Neighbours at positive distance of each query (see :func:`_positive_neighbours`)."""
+
+    distances: jax.Array  # (n, depth): column j is the neighbour of order j + 1 + copies
+    index: jax.Array  # (n, depth) int32 into the references
+    copies: jax.Array  # (n,) int32: references at distance 0 (skipped), 0 with ties="error"
+    bad: jax.Array  # () bool: the tie policy's limits are exceeded (or, "error": a zero distance)
+
+
+def _positive_neighbours(queries, refs, depth, used, *, k, exclude_self, ties, block_size, method,
+                         query_split, ref_split, metric="euclidean"):
+    """The ``depth`` nearest references at a *positive* distance of every query, and the copies skipped.
+
+    ``ties="auto"``: exact copies of a query (distance 0) are counted, not used: the neighbour of
+    order ``j`` among the others is the ``(j + copies)``-th neighbour, whose order the estimators
+    use in their digamma terms. ``bad`` flags data that look discrete: more than
+    ``_MAX_TIED_FRACTION`` of the queries with a copy, a query with more than ``_MAX_COPIES``, or
+    fewer than ``used`` references at positive distance. ``ties="error"``: no skipping; ``bad``
+    flags a zero k-th distance (the smallest order used). Distances beyond the references are ``inf``.
+    """
+    available = refs.shape[0] - int(exclude_self)
+    extra = _MAX_COPIES + 1 if ties == "auto" else 0
+    width = depth + extra
+
+    def find(count):
+        found = _knn_search.search(queries, refs, min(count, available), exclude_self=exclude_self,
+                                   block_size=block_size, method=method, query_split=query_split,
+                                   ref_split=ref_split, metric=metric)
+        short = width - found[0].shape[1]
+        if short:  # inf distances (and index 0) beyond the references or the first search
+            n = found[0].shape[0]
+            found = (jnp.concatenate([found[0], jnp.full((n, short), jnp.inf, found[0].dtype)], 1),
+                     jnp.concatenate([found[1], jnp.zeros((n, short), found[1].dtype)], 1))
+        return found
+
+    distances, index = find(depth)
+    if extra and available > depth:
+        # Copies are rare in continuous data: look deeper only when some point has one (under
+        # vmap both branches run).
+        distances, index = lax.cond(jnp.any(distances[:, 0] == 0), lambda: find(width),
+                                    lambda: (distances, index))
+    if ties == "error":
+        copies = jnp.zeros(distances.shape[:1], jnp.int32)
+        return _Positive(distances, index, copies, jnp.any(distances[:, k - 1] == 0))
+    copies = jnp.sum(distances[:, :extra] == 0, axis=1, dtype=jnp.int32)
+    columns = jnp.minimum(copies, extra)[:, None] + jnp.arange(depth)[None, :]
+    distances = jnp.take_along_axis(distances, columns, axis=1)
+    index = jnp.take_along_axis(index, columns, axis=1)
+    tied = jnp.mean((copies > 0).astype(jnp.float32)) > _MAX_TIED_FRACTION
+    bad = tied | jnp.any(copies > _MAX_COPIES) | jnp.any(distances[:, :used] == jnp.inf)
+    return _Positive(distances, index, copies, bad)
 
 
 def _not_finite(*arrays):
     return functools.reduce(jnp.logical_or, [~jnp.all(jnp.isfinite(a)) for a in arrays])
+
+
+def _scatter(size: int, index: jax.Array, values: jax.Array) -> jax.Array:
+    """``out[j] = sum of values where index == j`` (non-finite values dropped), shape (size,)."""
+    values = jnp.where(jnp.isfinite(values), values, 0)
+    return jnp.zeros((size,), values.dtype).at[index.reshape(-1)].add(values.reshape(-1))
+
+
+def _removal_effects(distances, orders, weights, d):
+    """Change of ``sum_o w_o d log r_o(i)`` when the neighbour in column p of query i is removed.
+
+    ``distances`` (n, depth) are the positive-distance neighbours (column j: order j + 1, after the
+    skipped copies), with ``depth > max(orders)``. Removing the neighbour in column ``p < o`` moves
+    the order-o neighbour to column o: ``d (log r_{o+1} - log r_o)``. Returns (n, max(orders)).
+    """
+    log_r = jnp.log(distances)
+    columns = np.asarray(orders) - 1
+    step = d * (log_r[:, columns + 1] - log_r[:, columns])  # (n, len(orders))
+    step = jnp.where(jnp.isfinite(step), step, 0)
+    below = (np.arange(max(orders))[None, :] < np.asarray(orders)[:, None]).astype(np.float64)
+    return (step * jnp.asarray(weights, step.dtype)[None, :]) @ jnp.asarray(below, step.dtype)
+
+
+def _jackknife_variance(replicates: jax.Array) -> jax.Array:
+    """Delete-one jackknife variance ``(N - 1) / N sum_j (T_(j) - mean)^2`` (Efron & Stein 1981)."""
+    size = replicates.shape[0]
+    return (size - 1) / size * jnp.sum(jnp.square(replicates - jnp.mean(replicates)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -339,39 +445,184 @@ def _weighted_orders(k: int, n: int, m: int) -> tuple[int, ...]:
     return tuple(k * i for i in range(1, count + 1))
 
 
-def _kl_core(x, y, *, k, estimator, block_size, method, splits):
+def _digamma(values, dtype):
+    return digamma(values.astype(dtype))
+
+
+def _kl_core(x, y, *, k, estimator, ties, block_size, method, splits, with_stderr=False):
     n, d = x.shape
     m = y.shape[0]
+    dtype = x.dtype
     offset = math.log(m) - math.log(n - 1)
-    if estimator == "wkv":
-        # WKV 2009 eq. (5): d/n sum_i log(nu_k(i) / rho_k(i)) + log(m / (n - 1)).
-        rho, nu = _kth_distances(x, y, (k,), block_size=block_size, method=method,
-                                  splits=splits)
-        value = d * jnp.mean(jnp.log(nu[:, 0]) - jnp.log(rho[:, 0])) + offset
-    elif estimator == "weighted":
-        orders = _weighted_orders(k, n, m)
-        rho, nu = _kth_distances(x, y, orders, block_size=block_size, method=method,
-                                  splits=splits)
-        per_order = d * jnp.mean(jnp.log(nu) - jnp.log(rho), axis=0) + offset
-        value = jnp.sum(jnp.asarray(_weights(d, orders), per_order.dtype) * per_order)
-    else:  # wkv_adaptive
-        rho, nu = _kth_distances(x, y, (k,), block_size=block_size, method=method,
-                                  splits=splits)
+    selected = estimator == "selected"
+    orders = _weighted_orders(k, n, m) if estimator in ("weighted", "selected") else (k,)
+    if selected and len(orders) < 2:
+        selected, orders = False, (k,)  # plain WKV
+    weights = _weights(d, orders) if len(orders) > 1 else np.ones(1)
+    if selected and np.abs(weights).max() > _MAX_SELECTED_WEIGHT:
+        selected, orders, weights = False, (k,), np.ones(1)  # plain WKV
+    depth = max(orders) + int(with_stderr or selected)
+    search = dict(ties=ties, block_size=block_size, method=method)
+    within = _positive_neighbours(x, x, depth, max(orders), k=k, exclude_self=True, query_split=splits[0],
+                                  ref_split=splits[0], **search)
+    across = _positive_neighbours(x, y, depth, max(orders), k=k, exclude_self=False,
+                                  query_split=splits[0], ref_split=splits[1], **search)
+    columns = np.asarray(orders) - 1
+    order_values = jnp.asarray(orders, dtype)[None, :]
+    rho, nu = within.distances[:, columns], across.distances[:, columns]
+    if estimator == "wkv_adaptive":
         # WKV 2009 Sec. III: radius eps_i = max(rho_k(i), nu_k(i)); l_i, k_i = numbers of points of
-        # x (without x_i) and of y within eps_i; rho_{l_i}, nu_{k_i} = the farthest of them.
+        # x (without x_i) and of y within eps_i (exact copies included); rho_{l_i}, nu_{k_i} = the
+        # farthest of them.
         radius = jnp.maximum(rho[:, 0], nu[:, 0])
         count_x, rho_l = _knn_search.ball_statistics(x, x, radius, exclude_self=True,
                                                      block_size=block_size)
         count_y, nu_k = _knn_search.ball_statistics(x, y, radius, block_size=block_size)
-        rho, nu = rho_l[:, None], nu_k[:, None]
-        correction = jnp.mean(digamma(count_x.astype(x.dtype)) - digamma(count_y.astype(x.dtype)))
-        value = d * jnp.mean(jnp.log(nu_k) - jnp.log(rho_l)) + correction + offset
-    value = value.astype(x.dtype)
-    return value, jnp.any(rho == 0), jnp.any(nu == 0), _not_finite(x, y)
+        terms = (d * (jnp.log(nu_k) - jnp.log(rho_l)) + _digamma(count_x, dtype)
+                 - _digamma(count_y, dtype))
+    else:
+        # Per point and order o (WKV 2009 eq. 5; the digamma terms, zero without copies, are
+        # those of WKV's Sec. III for the orders o + copies that the positive distances have).
+        per_order = (d * (jnp.log(nu) - jnp.log(rho))
+                     + digamma(order_values + within.copies[:, None].astype(dtype))
+                     - digamma(order_values + across.copies[:, None].astype(dtype)))
+        if selected:
+            # Data-driven choice by estimated mean squared error: "weighted" (taken as unbiased)
+            # against WKV, whose squared bias is estimated by their squared difference less its
+            # variance; all variances are jackknife ones (linear in the weights).
+            first = np.eye(len(orders))[0]
+
+            def variance(w):
+                return jnp.square(_jackknife_stderr(per_order @ jnp.asarray(w, dtype), within,
+                                                    across, orders, w, d, n, m))
+
+            difference = jnp.mean(per_order @ jnp.asarray(weights - first, dtype))
+            squared_bias = jnp.maximum(jnp.square(difference) - variance(weights - first), 0)
+            use_weighted = variance(weights) < variance(first) + squared_bias
+            weights_used = jnp.where(use_weighted, jnp.asarray(weights, dtype),
+                                     jnp.asarray(first, dtype))
+            terms = per_order @ weights_used
+        else:
+            weights_used = jnp.asarray(weights, dtype)
+            terms = per_order @ weights_used
+    value = (jnp.mean(terms) + offset).astype(dtype)
+    flags = (within.bad, across.bad, _not_finite(x, y))
+    if not with_stderr:
+        return value, flags
+    if estimator == "wkv_adaptive":
+        raise NotImplementedError  # kl_with_stderr refuses it before tracing
+    stderr = _jackknife_stderr(terms, within, across, orders, weights_used, d, n, m)
+    return (value, stderr.astype(dtype)), flags
 
 
-def kl(x, y, *, k: int = 1, estimator: str = "weighted", block_size: int | None = None,
-       method: str = "auto") -> jax.Array:
+def _jackknife_stderr(terms, within, across, orders, weights, d, n, m):
+    """Two-sample delete-one jackknife standard error (Arvesen 1969) of ``mean(terms) + const``.
+
+    ``terms`` are the per-point terms ``sum_o w_o t_o(i)`` of the KL estimators. Removing x_j drops
+    its term and moves to the next order the neighbours of the points that had x_j among their
+    first o; removing y_j moves their nu. Removing a skipped exact copy is ignored (it moves no
+    distance). The constants (``log(m / (n - 1))`` and its deleted versions) add the same amount to
+    every replicate of one sample, so they do not change the variance and are left out.
+    """
+    total = jnp.sum(terms)
+    shift_x = _scatter(n, within.index[:, :max(orders)],
+                       -_removal_effects(within.distances, orders, weights, d))
+    without_x = (total - terms + shift_x) / (n - 1)
+    shift_y = _scatter(m, across.index[:, :max(orders)],
+                       _removal_effects(across.distances, orders, weights, d))
+    without_y = (total + shift_y) / n
+    return jnp.sqrt(_jackknife_variance(without_x) + _jackknife_variance(without_y))
+
+
+def _entropy_core(x, *, k, ties, block_size, method, splits, with_stderr=False):
+    n, d = x.shape
+    dtype = x.dtype
+    within = _positive_neighbours(x, x, k + int(with_stderr), k, k=k, exclude_self=True, ties=ties,
+                                  block_size=block_size, method=method, query_split=splits[0],
+                                  ref_split=splits[0])
+    # Kraskov et al. (2004) eq. (20) with the Euclidean ball, per point:
+    # psi(n) - psi(k_i) + log V_d + d log rho_{k_i}(i), k_i = k + copies (k without copies).
+    terms = d * jnp.log(within.distances[:, k - 1]) - digamma((k + within.copies).astype(dtype))
+    constant = _log_unit_ball_volume(d)
+    value = (digamma(jnp.asarray(n, dtype)) + constant + jnp.mean(terms)).astype(dtype)
+    flags = (within.bad, _not_finite(x))
+    if not with_stderr:
+        return value, flags
+    shift = _scatter(n, within.index[:, :k], _removal_effects(within.distances, (k,), np.ones(1), d))
+    without = digamma(jnp.asarray(n - 1, dtype)) + constant + (jnp.sum(terms) - terms + shift) / (n - 1)
+    return (value, jnp.sqrt(_jackknife_variance(without)).astype(dtype)), flags
+
+
+def _cross_entropy_core(x, y, *, k, ties, block_size, method, splits):
+    d = x.shape[1]
+    m = y.shape[0]
+    dtype = x.dtype
+    across = _positive_neighbours(x, y, k, k, k=k, exclude_self=False, ties=ties, block_size=block_size,
+                                  method=method, query_split=splits[0], ref_split=splits[1])
+    terms = d * jnp.log(across.distances[:, k - 1]) - digamma((k + across.copies).astype(dtype))
+    value = (digamma(jnp.asarray(m + 1, dtype)) + _log_unit_ball_volume(d) + jnp.mean(terms))
+    return value.astype(dtype), (across.bad, _not_finite(x, y))
+
+
+def _mutual_information_core(x, y, *, k, ties, block_size, method, splits):
+    n = x.shape[0]
+    dtype = x.dtype
+    joint = jnp.concatenate([x, y], axis=1)
+    split = splits[0] if splits[0] is not None else splits[1]
+    # KSG estimator 1 (Kraskov, Stoegbauer & Grassberger 2004, eq. 8): eps_i = max-norm distance
+    # to the k-th neighbour in the joint space; n_x(i), n_y(i) = points strictly within eps_i in
+    # each marginal. With copies skipped (ties="auto") the order is k + copies, as in the kNN
+    # estimators above, and the copies are counted in n_x and n_y.
+    within = _positive_neighbours(joint, joint, k, k, k=k, exclude_self=True, ties=ties,
+                                  block_size=block_size, method=method, query_split=split,
+                                  ref_split=split, metric="chebyshev")
+    radius = within.distances[:, k - 1]
+    count_x = _knn_search.count_within(x, x, radius, metric="chebyshev", exclude_self=True,
+                                       block_size=block_size)
+    count_y = _knn_search.count_within(y, y, radius, metric="chebyshev", exclude_self=True,
+                                       block_size=block_size)
+    terms = (digamma((k + within.copies).astype(dtype)) - digamma((count_x + 1).astype(dtype))
+             - digamma((count_y + 1).astype(dtype)))
+    value = (digamma(jnp.asarray(n, dtype)) + jnp.mean(terms)).astype(dtype)
+    return value, (within.bad, _not_finite(x, y))
+
+
+# ------------------------------------------------------------------------------------------------
+# Public estimators
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_ties(ties) -> None:
+    if ties not in TIES:
+        raise ValueError(f"`ties` must be one of {TIES}, got {ties!r}.")
+
+
+def _check_kl_arguments(x, y, k, estimator, ties, block_size, method, *, minimum_n=2):
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"`estimator` must be one of {ESTIMATORS}, got {estimator!r}.")
+    n, m = x.shape[-2], y.shape[-2]
+    _check_num_points("x", x, minimum_n)
+    _check_order(k, limit=min(n - 1, m), limit_text=f"min(n - 1, m) = {min(n - 1, m)} "
+                 f"(n = {n} points in x without x_i itself, m = {m} points in y)")
+    if estimator == "weighted" and len(_weighted_orders(int(k), n, m)) < 2:
+        raise ValueError(f'`estimator="weighted"` needs at least the orders k and 2k, i.e. '
+                         f"2k <= n - 1 and 2k <= m; got k={k}, n={n}, m={m}. Use \"wkv\".")
+    _check_ties(ties)
+    _check_block_size(block_size)
+    _knn_search.resolve_method(method, x.shape[-1])
+
+
+def _tie_messages(ties: str, k, *, within: str, across: str | None = None) -> tuple[str, str]:
+    if ties == "error":
+        return (_DUPLICATES_IN_X.format(x=within, k=k),
+                _DUPLICATES_ACROSS.format(k=k, x=within, y=across))
+    return (_TIES_IN_X.format(x=within, k=k, fraction=_MAX_TIED_FRACTION, copies=_MAX_COPIES),
+            _TIES_ACROSS.format(x=within, y=across, k=k, fraction=_MAX_TIED_FRACTION,
+                                copies=_MAX_COPIES))
+
+
+def kl(x, y, *, k: int = 1, estimator: str = "selected", ties: str = "auto",
+       block_size: int | None = None, method: str = "auto") -> jax.Array:
     """k-NN estimate of D(P || Q) in nats from samples ``x ~ P`` and ``y ~ Q``.
 
     With ``rho_j(i)`` the distance from ``x_i`` to its j-th nearest neighbour among the other
@@ -386,11 +637,20 @@ def kl(x, y, *, k: int = 1, estimator: str = "weighted", block_size: int | None 
       ``k = 1`` this is the ``universal-divergence`` package's ``estimate(x, y, k=None)``. The counts
       come from a brute-force pass (O(n (n + m) d) whatever ``method``; memory bounded by
       ``block_size``); its gradient is not propagated (the radii are from the counting pass).
-    * ``"weighted"`` (default): ``D = sum_j w_j D_wkv(j)`` over the orders ``j = k, 2k, ..., 16k``
+    * ``"weighted"``: ``D = sum_j w_j D_wkv(j)`` over the orders ``j = k, 2k, ..., 16k``
       (fewer when n or m is small), with the minimum-norm weights satisfying ``sum_j w_j = 1`` and
       ``sum_j w_j Gamma(j + 2/d) / Gamma(j) = 0`` (Berrett, Samworth & Yuan 2019, Sec. 3: the weight
-      class that cancels the bias terms of order (j/n)^(2l/d); here l = 1). Lowest measured RMSE
-      (module docstring table).
+      class that cancels the bias terms of order (j/n)^(2l/d); here l = 1).
+    * ``"selected"`` (default): per sample, ``"weighted"`` or ``"wkv"``, whichever has the smaller
+      estimated mean squared error: ``"weighted"`` is taken when its jackknife variance is below
+      WKV's plus WKV's estimated squared bias, ``max(Delta^2 - var(Delta), 0)`` with ``Delta`` their
+      difference (all three variances from the jackknife of :func:`kl_with_stderr`, linear in the
+      weights). Only WKV where the weights exceed 1.5 in size (d > 15 with 16 orders, or few
+      orders) or where n or m leave fewer than two orders.
+
+    Exact copies (``ties="auto"``, module docstring): a point's copies are counted as neighbours
+    but their distance 0 is not used: the first positive distance is that of order ``k + c``
+    (``c`` copies), and the term gets ``psi(k + c)`` in place of ``psi(k)`` as in WKV's Sec. III.
 
     Works under ``jax.jit``, ``jax.vmap`` (or leading batch axes) and ``jax.grad`` (with respect
     to the points, for ``"wkv"`` and ``"weighted"``); output dtype follows the input.
@@ -398,14 +658,17 @@ def kl(x, y, *, k: int = 1, estimator: str = "weighted", block_size: int | None 
     Args:
         x: samples of P, shape ``(..., n, d)``, ``n >= 2``.
         y: samples of Q, shape ``(..., m, d)``.
-        k: neighbour order (``"weighted"``: the smallest order); needs ``k <= n - 1`` and ``k <= m``.
-        estimator: one of ``ESTIMATORS``.
+        k: neighbour order (``"weighted"``, ``"selected"``: the smallest order); needs
+            ``k <= n - 1`` and ``k <= m``.
+        estimator: one of ``ESTIMATORS`` (default ``"selected"``).
+        ties: ``"auto"`` (copies from rounding are handled, data that look discrete are refused)
+            or ``"error"`` (any zero neighbour distance is refused); see the module docstring.
         block_size: ``None`` (automatic) or tile size of the search (see :func:`neighbors`).
         method: search backend, ``"auto"``, ``"brute"`` or ``"kdtree"`` (see :func:`neighbors`).
 
     Returns:
-        The estimate, shape ``(...)``. Duplicated points (a zero distance): ``ValueError`` for
-        concrete inputs, NaN under tracing (module docstring).
+        The estimate, shape ``(...)``. Data the tie policy refuses: ``ValueError`` for concrete
+        inputs, NaN under tracing (module docstring).
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -421,24 +684,72 @@ def kl(x, y, *, k: int = 1, estimator: str = "weighted", block_size: int | None 
         Berrett, Samworth & Yuan (2019), Ann. Statist. 47(1), Sec. 3 (weights).
     """
     x, y = _pair("x", x, "y", y)
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"`estimator` must be one of {ESTIMATORS}, got {estimator!r}.")
-    n, m = x.shape[-2], y.shape[-2]
-    _check_num_points("x", x, 2)
-    _check_order(k, limit=min(n - 1, m), limit_text=f"min(n - 1, m) = {min(n - 1, m)} "
-                 f"(n = {n} points in x without x_i itself, m = {m} points in y)")
-    if estimator == "weighted" and len(_weighted_orders(int(k), n, m)) < 2:
-        raise ValueError(f'`estimator="weighted"` needs at least the orders k and 2k, i.e. '
-                         f"2k <= n - 1 and 2k <= m; got k={k}, n={n}, m={m}. Use \"wkv\".")
-    _check_block_size(block_size)
-    _knn_search.resolve_method(method, x.shape[-1])
+    _check_kl_arguments(x, y, k, estimator, ties, block_size, method)
     eager = is_concrete(x) and is_concrete(y)
     check_eagerly("x", x, real)
     check_eagerly("y", y, real)
-    value, zero_x, zero_y, not_finite = _run(_kl_core, (x, y), k=int(k), estimator=estimator,
-                                            block_size=block_size, method=method)
-    return _finish(value, {_DUPLICATES_IN_X.format(x="x", k=k): zero_x,
-                           _DUPLICATES_ACROSS.format(k=k): zero_y, _NOT_FINITE: not_finite}, eager)
+    value, (bad_x, bad_y, not_finite) = _run(_kl_core, (x, y), k=int(k), estimator=estimator,
+                                             ties=ties, block_size=block_size, method=method)
+    in_x, across = _tie_messages(ties, k, within="x", across="y")
+    return _finish(value, {in_x: bad_x, across: bad_y, _NOT_FINITE: not_finite}, eager)
+
+
+def kl_with_stderr(x, y, *, k: int = 1, estimator: str = "selected", ties: str = "auto",
+                   block_size: int | None = None, method: str = "auto") -> tuple[jax.Array, jax.Array]:
+    """:func:`kl` and a delete-one jackknife standard error of it, ``(estimate, stderr)``.
+
+    The standard error is the two-sample jackknife (Arvesen 1969): the estimate is recomputed
+    without each point of ``x`` and without each point of ``y`` in closed form, since removing a
+    point only moves, to their next order, the neighbour distances of the points that had it
+    among their neighbours (those are known from one search of one extra order), and
+    ``se^2 = (n-1)/n sum_j (D_(-x_j) - mean)^2 + (m-1)/m sum_j (D_(-y_j) - mean)^2``. It measures the
+    sampling spread only: an interval ``estimate +- 1.96 stderr`` does **not** cover the
+    estimator's bias, which dominates in higher dimension (module docstring); its coverage is
+    measured in ``experiments.knn_accuracy``. O(n k) on top of :func:`kl`.
+
+    Args:
+        x: samples of P, shape ``(..., n, d)``, ``n >= 3``.
+        y: samples of Q, shape ``(..., m, d)``, ``m >= 2``.
+        k: neighbour order, as for :func:`kl`.
+        estimator: ``"selected"`` (default; the standard error of the estimator it selected, not
+            counting the selection), ``"weighted"`` or ``"wkv"`` (``"wkv_adaptive"`` has no
+            closed-form jackknife here: its orders change with every removal).
+        ties: as for :func:`kl`.
+        block_size: ``None`` (automatic) or tile size of the search (see :func:`neighbors`).
+        method: search backend (see :func:`neighbors`).
+
+    Returns:
+        ``(estimate, stderr)``, each of shape ``(...)``; the estimate equals :func:`kl`'s. Both are
+        NaN under tracing where :func:`kl` would raise.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from kljax.knn import kl_with_stderr
+        >>> kx, ky = jax.random.split(jax.random.key(0))
+        >>> x = jax.random.normal(kx, (2000, 1))
+        >>> y = jax.random.normal(ky, (2000, 1)) + 1.0
+        >>> estimate, stderr = kl_with_stderr(x, y)
+        >>> print(abs(float(estimate) - 0.5) < 3 * float(stderr), 0.01 < float(stderr) < 0.1)
+        True True
+
+    References:
+        B. Efron, C. Stein (1981), "The jackknife estimate of variance", Ann. Statist. 9(3), 586-596.
+        J. N. Arvesen (1969), "Jackknifing U-statistics", Ann. Math. Statist. 40(6), 2076-2100.
+        Wang, Kulkarni & Verdu (2009), IEEE Trans. Inf. Theory 55(5), eq. (5).
+    """
+    x, y = _pair("x", x, "y", y)
+    if estimator == "wkv_adaptive":
+        raise ValueError('`estimator="wkv_adaptive"` has no standard error here; use "weighted" or "wkv".')
+    _check_kl_arguments(x, y, k, estimator, ties, block_size, method, minimum_n=3)
+    _check_num_points("y", y, 2)
+    eager = is_concrete(x) and is_concrete(y)
+    check_eagerly("x", x, real)
+    check_eagerly("y", y, real)
+    value, (bad_x, bad_y, not_finite) = _run(_kl_core, (x, y), k=int(k), estimator=estimator,
+                                             ties=ties, block_size=block_size, method=method,
+                                             with_stderr=True)
+    in_x, across = _tie_messages(ties, k, within="x", across="y")
+    return _finish(value, {in_x: bad_x, across: bad_y, _NOT_FINITE: not_finite}, eager)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -451,17 +762,20 @@ def _log_unit_ball_volume(d: int) -> float:
     return 0.5 * d * math.log(math.pi) - math.lgamma(0.5 * d + 1)
 
 
-def _entropy_core(x, *, k, block_size, method, splits):
-    n, d = x.shape
-    rho = _knn_search.search(x, x, k, exclude_self=True, block_size=block_size, method=method,
-                             query_split=splits[0], ref_split=splits[0])[0][:, -1]
-    # Kraskov et al. (2004) eq. (20) with the Euclidean ball: psi(n) - psi(k) + log V_d + d <log rho_k>.
-    value = (digamma(jnp.asarray(n, x.dtype)) - digamma(jnp.asarray(k, x.dtype))
-             + _log_unit_ball_volume(d) + d * jnp.mean(jnp.log(rho)))
-    return value.astype(x.dtype), jnp.any(rho == 0), _not_finite(x)
+def _entropy_arguments(x, k, ties, block_size, method, minimum_n):
+    x = _samples("x", x)
+    n = x.shape[-2]
+    _check_num_points("x", x, minimum_n)
+    _check_order(k, limit=n - 1, limit_text=f"n - 1 = {n - 1} (points of x without x_i itself)")
+    _check_ties(ties)
+    _check_block_size(block_size)
+    _knn_search.resolve_method(method, x.shape[-1])
+    check_eagerly("x", x, real)
+    return x
 
 
-def entropy(x, *, k: int = 1, block_size: int | None = None, method: str = "auto") -> jax.Array:
+def entropy(x, *, k: int = 1, ties: str = "auto", block_size: int | None = None,
+            method: str = "auto") -> jax.Array:
     """Kozachenko-Leonenko k-NN estimate of the differential entropy H(P) in nats from ``x ~ P``.
 
     ``H = psi(n) - psi(k) + log V_d + d/n sum_i log rho_k(i)``, with ``rho_k(i)`` the distance from
@@ -469,16 +783,18 @@ def entropy(x, *, k: int = 1, block_size: int | None = None, method: str = "auto
     the volume of the unit ball (Kraskov, Stoegbauer & Grassberger 2004, eq. 20, written with the
     Euclidean norm; k = 1 is Kozachenko & Leonenko 1987). The digamma terms make it exact in
     expectation for a locally uniform density: the probability mass of the k-NN ball is the k-th of
-    n - 1 uniform order statistics, whose log has mean psi(k) - psi(n).
+    n - 1 uniform order statistics, whose log has mean psi(k) - psi(n). A point with ``c`` exact
+    copies (``ties="auto"``) uses its first positive distance, of order ``k + c``, and ``psi(k + c)``.
 
     Args:
         x: samples, shape ``(..., n, d)``, ``n >= 2``.
         k: neighbour order, ``1 <= k <= n - 1``.
+        ties: ``"auto"`` or ``"error"``, as for :func:`kl`.
         block_size: ``None`` (automatic) or tile size of the search (see :func:`neighbors`).
         method: search backend (see :func:`neighbors`).
 
     Returns:
-        The estimate, shape ``(...)``, in the input dtype. Duplicates: as for :func:`kl`.
+        The estimate, shape ``(...)``, in the input dtype. Ties: as for :func:`kl`.
 
     Example:
         >>> import jax
@@ -491,30 +807,51 @@ def entropy(x, *, k: int = 1, block_size: int | None = None, method: str = "auto
         Kozachenko & Leonenko (1987), Problems Inform. Transmission 23(2), 95-101.
         Kraskov, Stoegbauer & Grassberger (2004), Phys. Rev. E 69, 066138, eq. (20).
     """
-    x = _samples("x", x)
-    n = x.shape[-2]
-    _check_num_points("x", x, 2)
-    _check_order(k, limit=n - 1, limit_text=f"n - 1 = {n - 1} (points of x without x_i itself)")
-    _check_block_size(block_size)
-    _knn_search.resolve_method(method, x.shape[-1])
-    eager = is_concrete(x)
-    check_eagerly("x", x, real)
-    value, zero, not_finite = _run(_entropy_core, (x,), k=int(k), block_size=block_size,
-                                   method=method)
-    return _finish(value, {_DUPLICATES_IN_X.format(x="x", k=k): zero, _NOT_FINITE: not_finite}, eager)
+    x = _entropy_arguments(x, k, ties, block_size, method, 2)
+    value, (bad, not_finite) = _run(_entropy_core, (x,), k=int(k), ties=ties, block_size=block_size,
+                                    method=method)
+    return _finish(value, {_tie_messages(ties, k, within="x")[0]: bad, _NOT_FINITE: not_finite},
+                   is_concrete(x))
 
 
-def _cross_entropy_core(x, y, *, k, block_size, method, splits):
-    d = x.shape[1]
-    m = y.shape[0]
-    nu = _knn_search.search(x, y, k, block_size=block_size, method=method, query_split=splits[0],
-                            ref_split=splits[1])[0][:, -1]
-    value = (digamma(jnp.asarray(m + 1, x.dtype)) - digamma(jnp.asarray(k, x.dtype))
-             + _log_unit_ball_volume(d) + d * jnp.mean(jnp.log(nu)))
-    return value.astype(x.dtype), jnp.any(nu == 0), _not_finite(x, y)
+def entropy_with_stderr(x, *, k: int = 1, ties: str = "auto", block_size: int | None = None,
+                        method: str = "auto") -> tuple[jax.Array, jax.Array]:
+    """:func:`entropy` and its delete-one jackknife standard error, ``(estimate, stderr)``.
+
+    Removing ``x_j`` drops its term and moves to order k + 1 the k-th neighbour distance of every
+    point that had ``x_j`` among its first k, so all n jackknife replicates come from one search of
+    order k + 1 (Efron & Stein 1981). The standard error covers sampling spread, not bias.
+
+    Args:
+        x: samples, shape ``(..., n, d)``, ``n >= 3``.
+        k: neighbour order, ``1 <= k <= n - 1``.
+        ties: as for :func:`entropy`.
+        block_size: ``None`` (automatic) or tile size of the search (see :func:`neighbors`).
+        method: search backend (see :func:`neighbors`).
+
+    Returns:
+        ``(estimate, stderr)``, each of shape ``(...)``.
+
+    Example:
+        >>> import jax
+        >>> from kljax.knn import entropy_with_stderr
+        >>> x = jax.random.normal(jax.random.key(0), (4000, 1))
+        >>> estimate, stderr = entropy_with_stderr(x)
+        >>> print(abs(float(estimate) - 1.4189) < 3 * float(stderr))  # 0.5 log(2 pi e)
+        True
+
+    References:
+        Efron & Stein (1981), Ann. Statist. 9(3), 586-596.
+        Kozachenko & Leonenko (1987), Problems Inform. Transmission 23(2), 95-101.
+    """
+    x = _entropy_arguments(x, k, ties, block_size, method, 3)
+    value, (bad, not_finite) = _run(_entropy_core, (x,), k=int(k), ties=ties, block_size=block_size,
+                                    method=method, with_stderr=True)
+    return _finish(value, {_tie_messages(ties, k, within="x")[0]: bad, _NOT_FINITE: not_finite},
+                   is_concrete(x))
 
 
-def cross_entropy(x, y, *, k: int = 1, block_size: int | None = None,
+def cross_entropy(x, y, *, k: int = 1, ties: str = "auto", block_size: int | None = None,
                   method: str = "auto") -> jax.Array:
     """k-NN estimate of the cross-entropy H(P, Q) = -E_P[log q] in nats from ``x ~ P``, ``y ~ Q``.
 
@@ -523,17 +860,19 @@ def cross_entropy(x, y, *, k: int = 1, block_size: int | None = None,
     (Kraskov et al. 2004, eq. 20) with the ball's Q-mass the k-th of m uniform order statistics
     (mean log psi(k) - psi(m + 1)); it is the nu-half of WKV 2009 eq. (5) (Leonenko, Pronzato &
     Savani 2008 give the same construction for Renyi cross-entropies). ``cross_entropy(x, y) -
-    entropy(x)`` is WKV with psi(m + 1) - psi(n) in place of log(m / (n - 1)).
+    entropy(x)`` is WKV with psi(m + 1) - psi(n) in place of log(m / (n - 1)). Copies of ``x_i``
+    in ``y`` (``ties="auto"``): as for :func:`kl`.
 
     Args:
         x: samples of P, shape ``(..., n, d)``.
         y: samples of Q, shape ``(..., m, d)``.
         k: neighbour order, ``1 <= k <= m``.
+        ties: ``"auto"`` or ``"error"``, as for :func:`kl`.
         block_size: ``None`` (automatic) or tile size of the search (see :func:`neighbors`).
         method: search backend (see :func:`neighbors`).
 
     Returns:
-        The estimate, shape ``(...)``, in the input dtype. Duplicates: as for :func:`kl`.
+        The estimate, shape ``(...)``, in the input dtype. Ties: as for :func:`kl`.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -555,11 +894,77 @@ def cross_entropy(x, y, *, k: int = 1, block_size: int | None = None,
     m = y.shape[-2]
     _check_num_points("x", x, 1)
     _check_order(k, limit=m, limit_text=f"m = {m} (the number of points in y)")
+    _check_ties(ties)
     _check_block_size(block_size)
     _knn_search.resolve_method(method, x.shape[-1])
     eager = is_concrete(x) and is_concrete(y)
     check_eagerly("x", x, real)
     check_eagerly("y", y, real)
-    value, zero, not_finite = _run(_cross_entropy_core, (x, y), k=int(k), block_size=block_size,
-                                   method=method)
-    return _finish(value, {_DUPLICATES_ACROSS.format(k=k): zero, _NOT_FINITE: not_finite}, eager)
+    value, (bad, not_finite) = _run(_cross_entropy_core, (x, y), k=int(k), ties=ties,
+                                    block_size=block_size, method=method)
+    across = _tie_messages(ties, k, within="x", across="y")[1]
+    return _finish(value, {across: bad, _NOT_FINITE: not_finite}, eager)
+
+
+# ------------------------------------------------------------------------------------------------
+# Mutual information
+# ------------------------------------------------------------------------------------------------
+
+
+def mutual_information(x, y, *, k: int = 3, ties: str = "auto", block_size: int | None = None,
+                       method: str = "auto") -> jax.Array:
+    """Kraskov-Stoegbauer-Grassberger estimate of the mutual information I(X; Y) in nats.
+
+    KSG estimator 1 (Kraskov et al. 2004, eq. 8) on paired rows ``(x_i, y_i)``:
+    ``I = psi(k) + psi(n) - 1/n sum_i [psi(n_x(i) + 1) + psi(n_y(i) + 1)]``, where ``eps_i`` is the
+    max-norm (Chebyshev) distance from ``z_i = (x_i, y_i)`` to its k-th nearest neighbour in the
+    joint space and ``n_x(i)`` (``n_y(i)``) counts the other points with ``||x_j - x_i||_inf < eps_i``
+    (``||y_j - y_i||_inf < eps_i``). The joint search is the exact engine of :func:`neighbors` with
+    ``metric="chebyshev"``; the counts are an exact tiled brute-force pass (O(n^2 (dx + dy)), memory
+    bounded by ``block_size``), so the result matches scikit-learn's ``mutual_info_regression``
+    core (which uses the same estimator) on the same data. Exact joint copies (``ties="auto"``):
+    the first positive eps is that of order ``k + c`` and ``psi(k + c)`` replaces ``psi(k)``. The
+    estimate is not clipped at 0 (it can be slightly negative for independent variables).
+
+    Args:
+        x: shape ``(..., n, dx)``.
+        y: shape ``(..., n, dy)``, paired with ``x`` row by row (same ``n`` and leading axes).
+        k: neighbour order in the joint space, ``1 <= k <= n - 1``.
+        ties: ``"auto"`` or ``"error"``, as for :func:`kl` (on the joint points).
+        block_size: ``None`` (automatic) or tile size (see :func:`neighbors`).
+        method: backend of the joint search (see :func:`neighbors`).
+
+    Returns:
+        The estimate, shape ``(...)``, in the input dtype.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from kljax.knn import mutual_information
+        >>> z = jax.random.normal(jax.random.key(0), (3000, 2))
+        >>> x, y = z[:, :1], 0.8 * z[:, :1] + 0.6 * z[:, 1:]  # correlation 0.8
+        >>> print(abs(float(mutual_information(x, y)) - 0.5108) < 0.05)  # -log(1 - 0.8^2) / 2
+        True
+
+    References:
+        A. Kraskov, H. Stoegbauer, P. Grassberger (2004), "Estimating mutual information",
+        Phys. Rev. E 69, 066138, eq. (8).
+    """
+    x, y = _samples("x", x), _samples("y", y)
+    if x.shape[:-1] != y.shape[:-1]:
+        raise ValueError("`x` and `y` must be paired: the same leading axes and number of points "
+                         f"(axes before the last), got shapes {x.shape} and {y.shape}.")
+    dtype = jnp.result_type(x.dtype, y.dtype)
+    x, y = x.astype(dtype), y.astype(dtype)
+    n = x.shape[-2]
+    _check_num_points("x", x, 2)
+    _check_order(k, limit=n - 1, limit_text=f"n - 1 = {n - 1} (points without the point itself)")
+    _check_ties(ties)
+    _check_block_size(block_size)
+    _knn_search.resolve_method(method, x.shape[-1] + y.shape[-1])
+    eager = is_concrete(x) and is_concrete(y)
+    check_eagerly("x", x, real)
+    check_eagerly("y", y, real)
+    value, (bad, not_finite) = _run(_mutual_information_core, (x, y), k=int(k), ties=ties,
+                                    block_size=block_size, method=method)
+    joint = _tie_messages(ties, k, within="(x, y)")[0].replace("`(x, y)`", "the joint sample `(x, y)`")
+    return _finish(value, {joint: bad, _NOT_FINITE: not_finite}, eager)

@@ -22,7 +22,21 @@ surrogate          value (in expectation)               gradient (in expectation
 ``k3_loss``        KL(pi || pi_ref)                     grad KL(pi_ref || pi)   (the *other* KL)
 ``k3_loss_is``     KL(pi || pi_ref)                     grad KL(pi || pi_ref)   (correct)
 ``exact_kl``       KL(pi || pi_ref) exactly             grad KL(pi || pi_ref)   exactly
+``abs_loss``       E|k1| >= KL(pi || pi_ref)            sum_a sign(k1(a)) grad pi(a)  (neither KL's)
 =================  ===================================  =================================
+
+Options practitioners use (TRL, verl, OpenRLHF), each with its expected gradient stated and tested by
+enumeration:
+
+* ``abs_loss``: TRL's / verl's ``"abs"`` penalty |k1|; its gradient is not that of any KL.
+* ``straight_through_loss``: the value of one estimator with the gradient of another, e.g. verl's
+  ``"k3+"`` (k3's low-variance value, k2's correct gradient): expected gradient = that of the
+  ``gradient`` estimator in the table.
+* ``kl_loss``: the choice of KL *direction*, reverse KL(pi || pi_ref) (mode-seeking, the RLHF default) or
+  forward KL(pi_ref || pi) (mass-covering), with any unbiased value estimate and the exact on-policy
+  score-function gradient of the chosen direction.
+* ``k3_loss_is(..., max_weight=c)``: off-policy k3 with truncated importance weights min(pi / pi_old, c)
+  (Ionides 2008; the rho-bar of V-trace): bounded variance, a bias on the actions whose weight is cut.
 
 The k2 and k3 identities need on-policy samples (``k3_loss_is`` also takes a behaviour policy). On-policy
 the three correct sampled placements even share their per-sample gradient, k1(a) * grad log pi(a);
@@ -33,8 +47,13 @@ only a *partial* gradient, because it ignores that earlier tokens change the dis
 prefixes. ``sequence_k1_reward`` and ``sequence_exact_kl`` are the sequence-level surrogates whose
 expected gradient is the gradient of the sequence KL.
 
-The KL coefficient itself can be controlled: ``adaptive_kl_coefficient`` (PPO's halve/double rule)
-and ``proportional_kl_coefficient`` (Ziegler et al. 2019), both pure functions usable under ``jit``.
+The KL coefficient itself can be controlled: ``adaptive_kl_coefficient`` (PPO's halve/double rule),
+``proportional_kl_coefficient`` (Ziegler et al. 2019) and ``lagrangian_kl_coefficient`` (dual ascent on
+the constraint KL <= target, which makes beta the Lagrange multiplier of a KL budget), all pure
+functions usable under ``jit``.
+
+Bad input: a NaN log-probability or KL raises ``ValueError`` naming the argument when concrete; under
+``jit`` it gives NaN (API.md).
 
 References:
     J. Schulman, "Approximating KL divergence", blog post, 2020.
@@ -45,6 +64,13 @@ References:
     Algorithms", arXiv:1707.06347, 2017, Section 4.
     D. M. Ziegler et al., "Fine-Tuning Language Models from Human Preferences", arXiv:1909.08593,
     2019, Section 2.2.
+    E. L. Ionides, "Truncated importance sampling", J. Comput. Graph. Stat. 17(2), 2008.
+    L. Espeholt et al., "IMPALA: Scalable Distributed Deep-RL with Importance Weighted Actor-Learner
+    Architectures" (V-trace), ICML 2018, arXiv:1802.01561.
+    A. Stooke, J. Achiam and P. Abbeel, "Responsive Safety in Reinforcement Learning by PID Lagrangian
+    Methods", ICML 2020, arXiv:2007.03964 (the Lagrangian multiplier update).
+    G. Sheng et al., "HybridFlow: A Flexible and Efficient RLHF Framework" (verl), arXiv:2409.19256, 2024
+    (``kl_penalty`` options, the ``"k3+"`` straight-through estimator).
 """
 
 from __future__ import annotations
@@ -53,9 +79,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kljax import discrete
-from kljax._contract import (as_float_array, at_least, below, check, check_logits, check_same_shape, is_concrete,
-                             nan_unless, nonnegative, normalize_axis, positive)
+from kljax import discrete, mc
+from kljax._contract import (as_float_array, at_least, below, check, check_eagerly, check_logits, check_same_shape,
+                             is_concrete, nan_unless, nonnegative, normalize_axis, not_nan, positive)
 
 __all__ = [
     "k1_reward",
@@ -63,21 +89,30 @@ __all__ = [
     "k2_loss",
     "k3_loss",
     "k3_loss_is",
+    "abs_loss",
+    "straight_through_loss",
+    "kl_loss",
     "exact_kl",
     "sequence_k1_reward",
     "sequence_exact_kl",
     "adaptive_kl_coefficient",
     "proportional_kl_coefficient",
+    "lagrangian_kl_coefficient",
 ]
 
 _sg = jax.lax.stop_gradient
 
 
-def _log_probs(log_prob, log_prob_ref):
-    """Checks the pair and returns (log_prob, stop_gradient(log_prob_ref)) in log_prob's dtype."""
-    log_prob = as_float_array("log_prob", log_prob)
-    log_prob_ref = as_float_array("log_prob_ref", log_prob_ref)
-    check_same_shape("log_prob", log_prob, "log_prob_ref", log_prob_ref)
+def _log_probs(log_prob, log_prob_ref, names=("log_prob", "log_prob_ref")):
+    """Checks the pair and returns (log_prob, stop_gradient(log_prob_ref)) in log_prob's dtype.
+
+    ``names`` are the caller's argument names, for the messages. A NaN log-probability raises eagerly;
+    under jit it propagates to the surrogate (NaN)."""
+    log_prob = as_float_array(names[0], log_prob)
+    log_prob_ref = as_float_array(names[1], log_prob_ref)
+    check_same_shape(names[0], log_prob, names[1], log_prob_ref)
+    check_eagerly(names[0], log_prob, not_nan)
+    check_eagerly(names[1], log_prob_ref, not_nan)
     return log_prob, _sg(log_prob_ref.astype(log_prob.dtype))
 
 
@@ -231,7 +266,7 @@ def k3_loss(log_prob, log_prob_ref):
     return _k3(log_prob, log_prob_ref)
 
 
-def k3_loss_is(log_prob, log_prob_ref, log_prob_old=None):
+def k3_loss_is(log_prob, log_prob_ref, log_prob_old=None, *, max_weight=None):
     """Importance-weighted k3, (pi(a) / pi_old(a)) * k3(a), as a loss: the correct reverse-KL gradient.
 
     With a ~ pi_old, ``E_{pi_old}[(pi / pi_old) k3] = E_pi[k3] = KL(pi || pi_ref)`` for *every*
@@ -241,24 +276,39 @@ def k3_loss_is(log_prob, log_prob_ref, log_prob_old=None):
     is then ``(k3 + 1 - rho) grad log pi = k1 grad log pi``, *identical* to that of ``k2_loss`` and of
     ``k1_reward`` without baseline: on-policy, the three correct placements differ only in value.
 
+    Truncated weights (``max_weight=c``, Ionides 2008; V-trace's rho-bar): the weight is
+    ``w = min(pi / pi_old, c)``, differentiable below the cap and constant at it. With a ~ pi_old the
+    expected gradient is then
+
+        sum_{a: w(a) < c} pi(a) k1(a) grad log pi(a) + sum_{a: w(a) > c} pi_old(a) c (1 - rho(a)) grad log pi(a),
+
+    ``rho = pi_ref / pi``: exactly ``grad KL(pi || pi_ref)`` when no weight reaches c, and otherwise
+    a bias on the cut actions in exchange for a bounded variance.
+
     Args:
         log_prob: log pi(a) of the sampled actions, differentiable.
         log_prob_ref: log pi_ref(a) of the same actions; treated as a constant.
         log_prob_old: log pi_old(a) of the behaviour policy that sampled a (constant); ``None`` means
             on-policy sampling, pi_old = stop_gradient(pi).
+        max_weight: optional cap c > 0 on the importance weight (e.g. 2 or 10); ``None``: no cap.
 
     Returns:
-        The weighted k3 per sample, same shape and dtype as ``log_prob``.
+        The weighted k3 per sample, same shape and dtype as ``log_prob``; NaN under ``jit`` for a
+        ``max_weight`` <= 0 (``ValueError`` when concrete).
 
     Example:
         >>> import jax.numpy as jnp
         >>> from kljax.policy import k3_loss_is
         >>> print(round(float(k3_loss_is(jnp.log(0.5), jnp.log(0.25))), 4))  # on-policy value = k3
         0.1931
+        >>> # pi / pi_old = 4 capped at 2: 2 * k3
+        >>> print(round(float(k3_loss_is(jnp.log(0.5), jnp.log(0.25), jnp.log(0.125), max_weight=2.0)), 4))
+        0.3863
 
     References:
         Y. Tang and R. Munos, arXiv:2506.09477, 2025 (the importance-corrected estimate);
-        J. Schulman, "Approximating KL divergence", 2020 (k3).
+        J. Schulman, "Approximating KL divergence", 2020 (k3);
+        E. L. Ionides, "Truncated importance sampling", J. Comput. Graph. Stat., 2008.
     """
     log_prob, log_prob_ref = _log_probs(log_prob, log_prob_ref)
     if log_prob_old is None:
@@ -266,9 +316,164 @@ def k3_loss_is(log_prob, log_prob_ref, log_prob_old=None):
     else:
         log_prob_old = as_float_array("log_prob_old", log_prob_old)
         check_same_shape("log_prob", log_prob, "log_prob_old", log_prob_old)
+        check_eagerly("log_prob_old", log_prob_old, not_nan)
         log_prob_old = log_prob_old.astype(log_prob.dtype)
     weight = jnp.exp(log_prob - _sg(log_prob_old))
-    return weight * _k3(log_prob, log_prob_ref)
+    masks = []
+    if max_weight is not None:
+        masks.append(check("max_weight", max_weight, positive))
+        weight = jnp.minimum(weight, jnp.asarray(max_weight, log_prob.dtype))
+    return nan_unless(weight * _k3(log_prob, log_prob_ref), *masks)
+
+
+def abs_loss(log_prob, log_prob_ref):
+    """|k1| = |log pi(a) - log pi_ref(a)| as a loss (TRL's and verl's ``"abs"`` penalty): not a KL gradient.
+
+    Its value over-estimates the KL in expectation (``E|k1| >= |E k1|``) and its gradient is
+    ``sign(k1(a)) grad log pi(a)``, whose expectation over a ~ pi is
+
+        sum_a pi(a) sign(k1(a)) grad log pi(a) = sum_a sign(k1(a)) grad pi(a)
+
+    (for softmax logits z: ``pi * (s - E_pi[s])`` with ``s = sign(k1)``): it moves mass from the actions
+    pi favours over pi_ref to the others at a rate independent of *how much* they differ, so it is
+    the gradient of neither KL and its fixed point is pi = pi_ref only when nothing else pulls.
+
+    Args:
+        log_prob: log pi(a) of the sampled actions a ~ pi, differentiable.
+        log_prob_ref: log pi_ref(a) of the same actions; treated as a constant.
+
+    Returns:
+        |k1| per sample, same shape and dtype as ``log_prob``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from kljax.policy import abs_loss
+        >>> print(round(float(abs_loss(jnp.log(0.25), jnp.log(0.5))), 4))
+        0.6931
+
+    References:
+        L. von Werra et al., TRL (``kl_penalty="abs"``), 2020-2025;
+        G. Sheng et al., verl, arXiv:2409.19256, 2024 (``kl_penalty="abs"``).
+    """
+    log_prob, log_prob_ref = _log_probs(log_prob, log_prob_ref)
+    return jnp.abs(log_prob - log_prob_ref)
+
+
+def _estimator_terms(log_prob, log_prob_ref):
+    """The per-sample estimators as differentiable functions of log pi (log pi_ref held constant)."""
+    k1 = log_prob - log_prob_ref
+    return {"k1": k1, "k2": 0.5 * jnp.square(k1), "k3": _k3(log_prob, log_prob_ref), "abs": jnp.abs(k1)}
+
+
+_ST_ESTIMATORS = ("k1", "k2", "k3", "abs")
+
+
+def _estimator_name(name, value):
+    if value not in _ST_ESTIMATORS:
+        raise ValueError(f"`{name}`={value!r} is not a known estimator; valid names: {list(_ST_ESTIMATORS)}.")
+    return value
+
+
+def straight_through_loss(log_prob, log_prob_ref, *, value="k3", gradient="k2"):
+    """The value of one KL estimator with the gradient of another (verl's ``"k3+"`` by default).
+
+    Returns ``stop_gradient(value_term) + gradient_term - stop_gradient(gradient_term)``: the number
+    logged and summed is the ``value`` estimator's, the parameters move along the ``gradient``
+    estimator's derivative. Expected gradient over a ~ pi (on-policy), by ``gradient``:
+
+    * ``"k2"``: ``grad KL(pi || pi_ref)`` (correct; verl's ``"k3+"`` is value k3, gradient k2);
+    * ``"k1"``: 0 (no regularisation);
+    * ``"k3"``: ``grad KL(pi_ref || pi)`` (the forward KL);
+    * ``"abs"``: ``sum_a sign(k1(a)) grad pi(a)`` (see :func:`abs_loss`).
+
+    Values: ``"k1"`` and ``"k3"`` are unbiased for KL(pi || pi_ref) (k3 >= 0 with low variance near
+    pi_ref), ``"k2"`` is biased (an f-divergence, ~ KL near pi_ref), ``"abs"`` over-estimates.
+
+    Args:
+        log_prob: log pi(a) of the sampled actions a ~ pi, differentiable.
+        log_prob_ref: log pi_ref(a) of the same actions; treated as a constant.
+        value: the estimator whose value is returned: ``"k1"``, ``"k2"``, ``"k3"`` or ``"abs"``.
+        gradient: the estimator whose gradient flows, same names.
+
+    Returns:
+        The per-sample surrogate, same shape and dtype as ``log_prob``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from kljax.policy import straight_through_loss, k2_loss, k3_loss
+        >>> lp, lp_ref = jnp.log(0.5), jnp.log(0.25)
+        >>> bool(straight_through_loss(lp, lp_ref) == k3_loss(lp, lp_ref))  # the value of k3 ...
+        True
+        >>> g = jax.grad(straight_through_loss)(lp, lp_ref)
+        >>> bool(g == jax.grad(k2_loss)(lp, lp_ref))  # ... the gradient of k2
+        True
+
+    References:
+        G. Sheng et al., verl, arXiv:2409.19256, 2024 (``kl_penalty`` with the ``"+"`` suffix);
+        Y. Bengio, N. Leonard and A. Courville, arXiv:1308.3432, 2013 (straight-through estimators);
+        Y. Tang and R. Munos, arXiv:2506.09477, 2025 (which gradients are correct).
+    """
+    value, gradient = _estimator_name("value", value), _estimator_name("gradient", gradient)
+    log_prob, log_prob_ref = _log_probs(log_prob, log_prob_ref)
+    terms = _estimator_terms(log_prob, log_prob_ref)
+    return _sg(terms[value]) + (terms[gradient] - _sg(terms[gradient]))
+
+
+_DIRECTIONS = {
+    # direction -> (value terms of t = log(pi_ref / pi), score weight of the exact on-policy gradient)
+    "reverse": ({"k1": mc._k1_of_log_ratio, "k2": mc._k2_of_log_ratio, "k3": mc._k3_of_log_ratio},
+                lambda t: -t),  # grad KL(pi || pi_ref) = E_pi[k1 grad log pi]
+    "forward": ({"k1": mc._reverse_k1_of_log_ratio, "k3": mc._reverse_k3_of_log_ratio},
+                lambda t: -jnp.expm1(t)),  # grad KL(pi_ref || pi) = E_pi[(1 - rho) grad log pi]
+}
+
+
+def kl_loss(log_prob, log_prob_ref, *, direction="reverse", estimator="k3"):
+    """A KL penalty of the chosen direction with the exact on-policy gradient of that direction.
+
+    For actions a ~ pi and ``rho = pi_ref(a) / pi(a)``:
+
+    * ``direction="reverse"``, KL(pi || pi_ref) (mode-seeking; RLHF, PPO, GRPO): value ``k1 = -log rho``,
+      ``k2 = (log rho)^2 / 2`` or ``k3 = rho - 1 - log rho``; gradient ``k1(a) grad log pi(a)``, whose
+      expectation is ``grad KL(pi || pi_ref)``;
+    * ``direction="forward"``, KL(pi_ref || pi) (mass-covering): value ``k1 = rho log rho`` or
+      ``k3 = rho log rho - (rho - 1) >= 0`` (unbiased from samples of pi, :func:`kljax.mc.reverse_k3`);
+      gradient ``(1 - rho(a)) grad log pi(a)``, whose expectation is ``grad KL(pi_ref || pi)``.
+
+    The value is the estimator's, the gradient a score-function term whose weight is held constant
+    (as in :func:`k1_reward`), so the two are chosen independently and the gradient is unbiased
+    whichever estimate is logged. Samples must come from pi (on-policy).
+
+    Args:
+        log_prob: log pi(a) of the sampled actions a ~ pi, differentiable.
+        log_prob_ref: log pi_ref(a) of the same actions; treated as a constant.
+        direction: ``"reverse"`` (KL(pi || pi_ref)) or ``"forward"`` (KL(pi_ref || pi)).
+        estimator: the value's estimator: ``"k1"``, ``"k2"`` (reverse only) or ``"k3"``.
+
+    Returns:
+        The per-sample surrogate, same shape and dtype as ``log_prob``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from kljax.policy import kl_loss
+        >>> lp, lp_ref = jnp.log(0.5), jnp.log(0.25)  # rho = 1/2
+        >>> print(round(float(kl_loss(lp, lp_ref, direction="forward")), 4))  # 0.5 log 0.5 + 0.5
+        0.1534
+
+    References:
+        J. Schulman, "Approximating KL divergence", 2020 (the estimators of both directions);
+        Y. Tang and R. Munos, arXiv:2506.09477, 2025 (score-function gradients of both directions).
+    """
+    if direction not in _DIRECTIONS:
+        raise ValueError(f"`direction`={direction!r} must be 'reverse' (KL(pi || pi_ref)) or 'forward' "
+                         "(KL(pi_ref || pi)).")
+    terms, weight = _DIRECTIONS[direction]
+    if estimator not in terms:
+        raise ValueError(f"`estimator`={estimator!r} is not available for direction {direction!r}; "
+                         f"valid names: {sorted(terms)}.")
+    log_prob, log_prob_ref = _log_probs(log_prob, log_prob_ref)
+    t = log_prob_ref - log_prob
+    return _sg(terms[estimator](t)) + _score_surrogate(log_prob, weight(t))
 
 
 def exact_kl(logits, logits_ref, *, axis=-1):
@@ -349,7 +554,7 @@ def sequence_k1_reward(log_probs, log_probs_ref, *, axis=-1):
     References:
         Y. Tang and R. Munos, arXiv:2506.09477, 2025 (sequence-level KL gradient).
     """
-    log_probs, log_probs_ref = _log_probs(log_probs, log_probs_ref)
+    log_probs, log_probs_ref = _log_probs(log_probs, log_probs_ref, ("log_probs", "log_probs_ref"))
     axis = normalize_axis("log_probs", log_probs, axis)
     k1 = log_probs - log_probs_ref
     k1_to_go = _reverse_cumsum(k1, axis)
@@ -439,9 +644,9 @@ def adaptive_kl_coefficient(beta, kl, target, *, tolerance=1.5, factor=2.0):
         factor: the multiplicative step, >= 1 (2 in the paper; below 1 beta moves the wrong way).
 
     Returns:
-        The next coefficient, dtype of ``beta``'s promotion with ``kl``; NaN where ``kl`` is NaN.
-        An argument outside its range raises ``ValueError`` naming it when concrete, and gives NaN
-        (where it is out of range) under ``jit``.
+        The next coefficient, dtype of ``beta``'s promotion with ``kl``. An argument outside its range
+        (a NaN ``kl`` included) raises ``ValueError`` naming it when concrete, and gives NaN (where it
+        is out of range) under ``jit``.
 
     Example:
         >>> from kljax.policy import adaptive_kl_coefficient
@@ -452,13 +657,13 @@ def adaptive_kl_coefficient(beta, kl, target, *, tolerance=1.5, factor=2.0):
         J. Schulman et al., "Proximal Policy Optimization Algorithms", arXiv:1707.06347, 2017,
         Section 4 (eq. 8 and the update rule after it).
     """
-    masks = [check("beta", beta, positive), check("target", target, positive),
+    masks = [check("beta", beta, positive), check("kl", kl, not_nan), check("target", target, positive),
              check("tolerance", tolerance, _AT_LEAST_ONE), check("factor", factor, _AT_LEAST_ONE)]
     beta = jnp.asarray(beta)
     kl = jnp.asarray(kl)
     new_beta = jnp.where(kl < target / tolerance, beta / factor,
                          jnp.where(kl > target * tolerance, beta * factor, beta))
-    return nan_unless(jnp.where(jnp.isnan(kl), jnp.nan, new_beta), *masks)
+    return nan_unless(new_beta, *masks)
 
 
 def proportional_kl_coefficient(beta, kl, target, num_steps, horizon, *, error_clip=0.2):
@@ -479,7 +684,7 @@ def proportional_kl_coefficient(beta, kl, target, num_steps, horizon, *, error_c
             step down, ``1 - error_clip * num_steps / horizon``, must stay > 0 so beta stays > 0.
 
     Returns:
-        The next coefficient; NaN where ``kl`` is NaN. An argument outside its range raises
+        The next coefficient. An argument outside its range (a NaN ``kl`` included) raises
         ``ValueError`` naming it when concrete, and gives NaN (where it is out of range) under ``jit``.
 
     Example:
@@ -491,7 +696,7 @@ def proportional_kl_coefficient(beta, kl, target, num_steps, horizon, *, error_c
         D. M. Ziegler et al., "Fine-Tuning Language Models from Human Preferences", arXiv:1909.08593,
         2019, Section 2.2.
     """
-    masks = [check("beta", beta, positive), check("target", target, positive),
+    masks = [check("beta", beta, positive), check("kl", kl, not_nan), check("target", target, positive),
              check("num_steps", num_steps, nonnegative), check("horizon", horizon, positive),
              check("error_clip", error_clip, nonnegative)]
     gain = jnp.asarray(num_steps) / horizon
@@ -499,3 +704,42 @@ def proportional_kl_coefficient(beta, kl, target, num_steps, horizon, *, error_c
     masks.append(check("error_clip * num_steps / horizon", error_clip * gain, _BELOW_ONE))
     error = jnp.clip(jnp.asarray(kl) / target - 1.0, -error_clip, error_clip)
     return nan_unless(jnp.asarray(beta) * (1.0 + error * gain), *masks)
+
+
+def lagrangian_kl_coefficient(beta, kl, target, *, learning_rate):
+    """Dual ascent on a KL budget: beta <- max(0, beta + learning_rate * (kl - target)).
+
+    The constrained problem ``max_pi E_pi[r]`` subject to ``KL(pi || pi_ref) <= target`` has the
+    Lagrangian ``E_pi[r] - beta (KL - target)``; for fixed beta its maximiser is the KL-regularised
+    policy ``pi_beta ~ pi_ref exp(r / beta)``, and projected gradient ascent on the dual variable,
+    ``beta <- max(0, beta + eta (KL(pi_beta) - target))``, raises beta while the budget is exceeded and
+    lowers it (down to 0: the constraint inactive) while it is not. At a fixed point with beta > 0 the
+    constraint is tight, ``KL = target``, unlike the PPO and proportional controllers, which have no
+    integral action and settle where their multiplicative steps balance. This is the integral (I) term
+    of Stooke et al.'s PID Lagrangian; with the measured KL noisy, a small ``learning_rate`` averages.
+
+    Args:
+        beta: the current coefficient (multiplier), >= 0.
+        kl: the measured KL(pi || pi_ref) of the current policy (not NaN).
+        target: the KL budget (> 0).
+        learning_rate: the dual step size (> 0), in units of beta per nat of excess KL.
+
+    Returns:
+        The next coefficient (>= 0). An argument outside its range raises ``ValueError`` naming it
+        when concrete, and gives NaN under ``jit``.
+
+    Example:
+        >>> from kljax.policy import lagrangian_kl_coefficient
+        >>> [round(float(lagrangian_kl_coefficient(0.1, kl, 0.05, learning_rate=1.0)), 4) for kl in (0.0, 0.05, 0.2)]
+        [0.05, 0.1, 0.25]
+
+    References:
+        A. Stooke, J. Achiam and P. Abbeel, "Responsive Safety in Reinforcement Learning by PID
+        Lagrangian Methods", ICML 2020, arXiv:2007.03964, Algorithm 1 (the integral term);
+        E. Altman, "Constrained Markov Decision Processes", 1999 (the Lagrangian and its dual);
+        S. Boyd and L. Vandenberghe, "Convex Optimization", 2004, Section 5 (dual ascent).
+    """
+    masks = [check("beta", beta, nonnegative), check("kl", kl, not_nan), check("target", target, positive),
+             check("learning_rate", learning_rate, positive)]
+    step = jnp.asarray(learning_rate) * (jnp.asarray(kl) - target)
+    return nan_unless(jnp.maximum(jnp.asarray(beta) + step, 0), *masks)

@@ -1,6 +1,7 @@
 """Tests for kljax.drift: binning and histogram KL against NumPy, the permutation p-value against a
 brute-force recomputation, its validity (false-alarm rate and uniformity under the null, over many
-seeds), its power, and the stream monitor."""
+seeds), its power, the stream monitor, and the regression tests of issue 14 (an infinite statistic's
+p-value, windows too small or non-finite, a NaN window under jit, range binning with inf)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,14 @@ import pytest
 import scipy.stats
 
 from kljax import discrete, knn
-from kljax.drift import _KnnStatistic  # the per-split kljax.knn.kl statistic of the non-WKV estimators
 from kljax.drift import (
+    CategoricalKL,
     DriftMonitor,
+    KnnKL,
+    adjust_p_values,
+    energy_distance,
+    expected_windows_to_false_alarm,
+    permutation_test,
     bin_edges,
     bin_indices,
     feature_histogram_kl,
@@ -149,28 +155,43 @@ def test_histogram_statistic_is_the_direct_estimate_and_p_value_matches_brute_fo
                                rtol=1e-12)
 
 
-def test_knn_shared_distance_path_equals_calling_knn_kl_on_every_split():
-    # The WKV statistic is computed from one pooled distance matrix; calling kljax.knn.kl on every
-    # re-split (the path of the other kNN estimators, here given as a callable; same keys) must give
-    # the same statistic, equal to knn.kl on the observed split, and the same p-value.
+def numpy_wkv(x, y, k):
+    """WKV 2009 eq. 5 by brute force in NumPy: d / n sum log(nu_k / rho_k) + log(m / (n - 1))."""
+    from scipy.spatial.distance import cdist
+    x, y = np.asarray(x).reshape(len(x), -1), np.asarray(y).reshape(len(y), -1)
+    rho = np.sort(cdist(x, x) + np.diag(np.full(len(x), np.inf)), axis=1)[:, k - 1]
+    nu = np.sort(cdist(x, y), axis=1)[:, k - 1]
+    return x.shape[1] * np.mean(np.log(nu / rho)) + np.log(len(y) / (len(x) - 1))
+
+
+def test_knn_neighbour_lists_equal_a_fresh_search_on_every_split():
+    # Each re-split reads the k-th neighbours of each label off the pooled neighbour lists; a NumPy
+    # search on every re-split (same keys) must give the same statistic and p-value, for several k.
     x, y = _samples(21, shift=0.2)
-    fast = kl_permutation_test(jax.random.key(3), x, y, estimator="knn", k=2, num_permutations=B)
-    slow = kl_permutation_test(jax.random.key(3), x, y, estimator=_KnnStatistic(2, "wkv", "brute"),
-                               num_permutations=B)
-    np.testing.assert_allclose(float(fast[0]), float(knn.kl(x, y, k=2, estimator="wkv")), rtol=1e-10)
-    np.testing.assert_allclose(float(fast[0]), float(slow[0]), rtol=1e-10)
-    assert float(fast[1]) == float(slow[1])
+    for k in (4,):
+        statistic, p_value = kl_permutation_test(jax.random.key(3), x, y, estimator="knn", k=k, num_permutations=B)
+        expected_statistic, expected_p = _brute_force_p_value(jax.random.key(3), x, y,
+                                                              functools.partial(numpy_wkv, k=k), B)
+        np.testing.assert_allclose(float(statistic), expected_statistic, rtol=1e-10)
+        assert float(p_value) == pytest.approx(expected_p, abs=1e-12)
+    # the symmetric statistic: both directions
+    statistic, p_value = permutation_test(jax.random.key(3), KnnKL(4, symmetric=True), x, y, num_permutations=B)
+    expected_statistic, expected_p = _brute_force_p_value(
+        jax.random.key(3), x, y, lambda a, b: numpy_wkv(a, b, 4) + numpy_wkv(b, a, 4), B)
+    np.testing.assert_allclose(float(statistic), expected_statistic, rtol=1e-10)
+    assert float(p_value) == pytest.approx(expected_p, abs=1e-12)
 
 
-def test_knn_duplicates_raise_eagerly_and_give_nan_under_jit():
+def test_knn_copy_is_scored_by_the_tie_rule_eagerly_and_under_jit():
+    # A point copied across the samples: with k = 1 every re-split keeping both copies apart had nu = 0
+    # (log 0) before; knn's ties="auto" rule skips the copy and corrects the order (WKV 2009, Sec. III).
     x, y = _samples(22)
-    y = y.at[0].set(x[0])  # with k = 1, any re-split that keeps x[0] in x has nu = 0 for it
-    with pytest.raises(ValueError, match="2 exact copies"):
-        kl_permutation_test(jax.random.key(0), x, y, estimator="knn", num_permutations=B)
-    statistic, p_value = kl_permutation_test(jax.random.key(0), x, y, estimator="knn", k=2, num_permutations=B)
-    assert np.isfinite(float(p_value))  # k = 2 > 1 copy: defined
-    jitted = jax.jit(functools.partial(kl_permutation_test, estimator="knn", num_permutations=B))
-    assert np.isnan(float(jitted(jax.random.key(0), x, y)[1]))
+    y = y.at[0].set(x[0])
+    statistic, p_value = kl_permutation_test(jax.random.key(0), x, y, estimator="knn", k=1, num_permutations=B)
+    assert np.isfinite(float(statistic)) and np.isfinite(float(p_value))
+    np.testing.assert_allclose(float(statistic), float(knn.kl(x, y, k=1, estimator="wkv")), rtol=1e-10)
+    jitted = jax.jit(functools.partial(kl_permutation_test, estimator="knn", k=1, num_permutations=B))
+    np.testing.assert_allclose(np.asarray(jitted(jax.random.key(0), x, y)), [statistic, p_value], rtol=1e-10)
 
 
 @pytest.mark.parametrize("estimator", ["histogram", "knn"])
@@ -181,8 +202,8 @@ def test_chunk_size_does_not_change_the_result(estimator):
     statistic, p_value = results[1]
     np.testing.assert_allclose(np.asarray(statistic), np.asarray(results[0][0]), rtol=1e-12)
     np.testing.assert_array_equal(np.asarray(p_value), np.asarray(results[0][1]))
-    if estimator == "knn":  # the default statistic is WKV 2009 eq. 5 with k = 1
-        np.testing.assert_allclose(float(statistic), float(knn.kl(x, y, k=1, estimator="wkv")), rtol=1e-10)
+    if estimator == "knn":  # the default statistic is WKV 2009 eq. 5 with k = min(10, n - 1, m - 1)
+        np.testing.assert_allclose(float(statistic), float(knn.kl(x, y, k=10, estimator="wkv")), rtol=1e-10)
 
 
 @pytest.mark.parametrize("estimator", ["histogram", "knn"])
@@ -351,3 +372,196 @@ def test_monitor_false_alarm_rate_under_no_drift():
     significant_rate, alarm_rate = float(np.mean(significant)), float(np.mean(alarms))
     assert significant_rate <= binomial_upper(alpha, num_streams), significant_rate
     assert alarm_rate <= alpha / 2, alarm_rate
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 14: wrong answers in corners (regression tests)
+
+
+def _always_infinite(x, y):
+    return jnp.sum(x) * 0 + jnp.inf
+
+
+@functools.partial(jax.jit, static_argnames="num_seeds")
+def _plug_in_histogram_p_values(num_seeds):
+    """No drift, plug-in histogram KL (pseudocount 0: +inf whenever a window leaves a bin empty)."""
+    def one_seed(key):
+        kx, ky, kp = jax.random.split(key, 3)
+        return kl_permutation_test(kp, jax.random.normal(kx, (N,)), jax.random.normal(ky, (M,)),
+                                   estimator="histogram", bins=20, pseudocount=0.0, num_permutations=B)
+
+    return jax.lax.map(one_seed, jax.random.split(jax.random.key(30), num_seeds), batch_size=50)
+
+
+def test_infinite_statistic_is_exceeded_by_infinite_permutations():
+    x, y = _samples(31, shift=0.0)
+    # a statistic that is +inf on every split: every permutation ties with it, p = 1 (was 1 / (B + 1))
+    statistic, p_value = kl_permutation_test(jax.random.key(0), x, y, estimator=_always_infinite, num_permutations=B)
+    assert np.isposinf(float(statistic)) and float(p_value) == 1.0
+    # the issue's case: plug-in histogram KL without drift rejected 92 % of the time at alpha = 0.05
+    statistics, p_values = map(np.asarray, _plug_in_histogram_p_values(200))
+    assert np.mean(np.isinf(statistics)) > 0.5  # the corner is exercised
+    assert np.mean(p_values <= 0.05 + 1e-9) <= binomial_upper(0.05, 200)
+
+
+def test_windows_the_monitor_cannot_score_raise_eagerly():
+    reference = jax.random.normal(jax.random.key(32), (N, D))
+    monitor = DriftMonitor(reference, estimator="knn", k=3, num_permutations=19)
+    with pytest.raises(ValueError, match="`window` cannot be scored.*`k`=3"):  # was: inf statistic, p = 0.005
+        monitor.score(jax.random.key(0), reference[:2] + 0.1)
+    with pytest.raises(ValueError, match="`windows` cannot be scored"):
+        monitor.run(jax.random.key(0), jnp.stack([reference[:2] + 0.1] * 3))
+    for estimator in ("knn", "histogram"):
+        monitor = DriftMonitor(reference, estimator=estimator, bins=4, num_permutations=99)
+        for bad in (jnp.inf, -jnp.inf, jnp.nan):
+            with pytest.raises(ValueError, match="`window` contains NaN or inf"):
+                monitor.score(jax.random.key(0), reference[:M].at[3, 1].set(bad))
+        with pytest.raises(ValueError, match="`reference` contains NaN or inf"):
+            DriftMonitor(reference.at[0, 0].set(jnp.inf), estimator=estimator)
+    for name in ("x", "y"):
+        inputs = {"x": reference, "y": reference[:M] + 0.1}
+        inputs[name] = inputs[name].at[0, 0].set(jnp.inf)
+        with pytest.raises(ValueError, match=f"`{name}` contains NaN or inf"):
+            kl_permutation_test(jax.random.key(0), inputs["x"], inputs["y"], num_permutations=B)
+
+
+def test_nan_window_under_jit_makes_the_alarm_unknown_instead_of_resetting_the_run():
+    reference = jax.random.normal(jax.random.key(33), (N, D))
+    monitor = DriftMonitor(reference, estimator="histogram", bins=4)
+    windows = jax.random.normal(jax.random.key(34), (4, M, D)) + 3.0  # every window clearly drifted
+    windows = windows.at[1, 0, 0].set(jnp.nan)
+    scores, alarms = jax.jit(lambda w: monitor.run(jax.random.key(35), w))(windows)
+    np.testing.assert_array_equal(np.asarray(scores.significant), [1.0, np.nan, 1.0, 1.0])
+    # window 1 may have been significant: the alarm is unknown (NaN), not False; window 3 makes two
+    # certain significant windows in a row (was [F, F, F, T]: the NaN window reset the run silently)
+    np.testing.assert_array_equal(np.asarray(alarms), [0.0, np.nan, np.nan, 1.0])
+
+
+def _kleene_alarms(significant, consecutive):
+    """Brute force: 1 if the last r are all 1, 0 if any of them is 0, else unknown."""
+    out = []
+    for t in range(len(significant)):
+        last = significant[max(0, t - consecutive + 1):t + 1]
+        if t < consecutive - 1 or np.any(last == 0):
+            out.append(0.0)
+        elif np.all(last == 1):
+            out.append(1.0)
+        else:
+            out.append(np.nan)
+    return np.array(out)
+
+
+def test_three_valued_alarms_match_brute_force():
+    rng = np.random.default_rng(36)
+    significant = rng.choice([0.0, 1.0, np.nan], size=300, p=[0.3, 0.5, 0.2])
+    for consecutive in (1, 2, 3):
+        np.testing.assert_array_equal(np.asarray(sustained_alarms(jnp.asarray(significant), consecutive)),
+                                      _kleene_alarms(significant, consecutive))
+
+
+def test_range_binning_with_inf_raises_eagerly_and_gives_nan_edges_under_jit():
+    reference = jnp.asarray(np.random.default_rng(37).normal(size=(20, 2))).at[0, 1].set(jnp.inf)
+    with pytest.raises(ValueError, match="`reference` contains NaN or inf"):
+        bin_edges(reference, 4, binning="range")
+    edges = np.asarray(jax.jit(functools.partial(bin_edges, bins=4, binning="range"))(reference))
+    assert np.all(np.isfinite(edges[0])) and np.all(np.isnan(edges[1]))  # only the bad feature
+    # bin indices cannot be NaN: an invalid value or invalid edges give -1 under jit
+    indices = np.asarray(jax.jit(bin_indices)(jnp.array([[0.0, 0.0], [jnp.nan, 0.0]]), jnp.asarray(edges)))
+    np.testing.assert_array_equal(indices, [[np.asarray(bin_indices(jnp.zeros(1), jnp.asarray(edges[0])))[0], -1],
+                                            [-1, -1]])
+
+
+# ------------------------------------------------------------------------------------------------
+# Statistics as values: kNN for any k, symmetric, energy, categorical; multiple testing
+
+
+def _numpy_energy(x, y):
+    from scipy.spatial.distance import cdist
+    x, y = np.asarray(x).reshape(len(x), -1), np.asarray(y).reshape(len(y), -1)
+    return 2 * cdist(x, y).mean() - cdist(x, x).mean() - cdist(y, y).mean()
+
+
+def test_energy_distance_and_its_p_value_match_numpy_brute_force():
+    x, y = _samples(39, shift=0.3)
+    np.testing.assert_allclose(float(energy_distance(x, y)), _numpy_energy(x, y), rtol=1e-10)
+    key = jax.random.key(5)
+    statistic, p_value = kl_permutation_test(key, x, y, estimator="energy", num_permutations=B)
+    expected_statistic, expected_p = _brute_force_p_value(key, x, y, _numpy_energy, B)
+    np.testing.assert_allclose(float(statistic), expected_statistic, rtol=1e-10)
+    assert float(p_value) == pytest.approx(expected_p, abs=1e-12)
+
+
+def test_categorical_kl_counts_unseen_categories():
+    x = jnp.asarray(np.tile([0.0, 1.0, 2.0, 2.0], 10))[:, None]
+    y = jnp.asarray(np.concatenate([np.tile([0.0, 1.0, 2.0], 5), np.full(5, 7.0), [-1.0, 0.5]]))[:, None]
+    statistic, p_value = permutation_test(jax.random.key(0), CategoricalKL(3), x, y, num_permutations=B)
+    counts_x, counts_y = np.array([10, 10, 20, 0]), np.array([5, 5, 5, 7])  # 7, -1 and 0.5 are unseen
+    np.testing.assert_allclose(np.asarray(statistic), [scipy.stats.entropy(counts_x + 0.5, counts_y + 0.5)],
+                               rtol=1e-10)
+    assert p_value.shape == (1,) and float(p_value[0]) == 1 / (B + 1)
+
+
+def _numpy_bh(p):
+    d = len(p)
+    return np.array([min(1.0, min(d * p[j] / (np.sum(p <= p[j])) for j in range(d) if p[j] >= p[i]))
+                     for i in range(d)])
+
+
+def test_adjust_p_values_match_their_definitions():
+    p = np.random.default_rng(40).uniform(size=12) ** 3
+    np.testing.assert_allclose(np.asarray(adjust_p_values(jnp.asarray(p))), np.minimum(1, 12 * p), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(adjust_p_values(jnp.asarray(p), "bh")), _numpy_bh(p), rtol=1e-12)
+    simes = min(12 * np.sort(p)[i] / (i + 1) for i in range(12))
+    assert float(jnp.min(adjust_p_values(jnp.asarray(p), "bh"))) == pytest.approx(simes, rel=1e-12)
+    assert np.all(np.isnan(np.asarray(jax.jit(adjust_p_values)(jnp.asarray(p).at[0].set(jnp.nan)))))
+
+
+def test_expected_windows_to_false_alarm_matches_simulated_runs():
+    alpha, consecutive, num_streams, length = 0.2, 2, 4000, 400
+    significant = np.random.default_rng(41).random((num_streams, length)) < alpha
+    alarms = np.asarray(jax.vmap(lambda s: sustained_alarms(s, consecutive))(jnp.asarray(significant)))
+    assert alarms.any(axis=1).all()
+    first = np.argmax(alarms, axis=1) + 1
+    expected = expected_windows_to_false_alarm(alpha, consecutive)  # (1 - 0.04) / (0.8 * 0.04) = 30
+    assert expected == pytest.approx(30.0)
+    assert abs(first.mean() - expected) <= 4 * first.std() / math.sqrt(num_streams)
+
+
+def test_monitor_bh_correction_gives_the_simes_window_p_value():
+    monitor = DriftMonitor(jax.random.normal(jax.random.key(13), (300, 3)), estimator="histogram", alpha=0.05,
+                           bins=8, correction="bh")
+    score = monitor.score(jax.random.key(18), jax.random.normal(jax.random.key(42), (100, 3)).at[:, 0].add(0.5))
+    p = np.sort(np.asarray(score.p_value))
+    assert float(score.window_p_value) == pytest.approx(min(3 * p[i] / (i + 1) for i in range(3)), rel=1e-6)
+
+
+def test_knn_statistic_scores_float32_rounding_ties_like_knn_kl():
+    # Continuous float32 data with rounding ties (issue 12): the kNN test scores them with knn's
+    # ties="auto" rule, the observed statistic equals knn.kl's WKV, and the re-splits use the same rule.
+    kx, ky = jax.random.split(jax.random.key(5))
+    x = jax.random.normal(kx, (60, 1), jnp.float32)
+    y = jax.random.normal(ky, (40, 1), jnp.float32) + 0.3
+    # exact copies as float32 rounding makes them: within x, within y, and across the samples (6%)
+    x = x.at[6].set(x[5])
+    y = y.at[1].set(y[0]).at[2].set(x[10])
+    pooled = np.concatenate([np.asarray(x), np.asarray(y)])
+    _, inverse, counts = np.unique(pooled, axis=0, return_inverse=True, return_counts=True)
+    assert 0 < np.mean(counts[inverse.reshape(-1)] > 1) <= 0.1
+    statistic, p_value = kl_permutation_test(jax.random.key(1), x, y, k=3, num_permutations=49)
+    assert np.isfinite(statistic) and 0 < p_value <= 1
+    np.testing.assert_allclose(statistic, knn.kl(x, y, k=3, estimator="wkv"), rtol=1e-5)
+    # the identity relabelling through the neighbour lists gives the observed value
+    test = KnnKL(k=3)
+    data = test.prepare(x, y)
+    relabelled = test.evaluate(data, (jnp.arange(100) < 60)[None])[0]
+    np.testing.assert_allclose(relabelled, test.observe(data), rtol=1e-5)
+
+
+def test_knn_statistic_refuses_discrete_data_naming_both_samples():
+    x = jnp.asarray(np.repeat(np.arange(10.0), 5)[:, None])
+    y = jnp.asarray(np.repeat(np.arange(10.0), 3)[:, None])
+    with pytest.raises(ValueError, match="`x` and `y` look discrete"):
+        kl_permutation_test(jax.random.key(0), x, y, k=3, num_permutations=9)
+    statistic, p_value = jax.jit(lambda x, y: kl_permutation_test(
+        jax.random.key(0), x, y, k=3, num_permutations=9))(x, y)
+    assert np.isnan(statistic) and np.isnan(p_value)

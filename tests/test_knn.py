@@ -1,4 +1,5 @@
-"""Tests of the k-NN estimators in ``kljax.knn``: kl, entropy, cross_entropy.
+"""Tests of the k-NN estimators in ``kljax.knn``: kl, entropy, cross_entropy, their standard
+errors, the tie policy and the KSG mutual information.
 
 Truths: the ``universal-divergence`` package (WKV 2009, fixed and adaptive k), closed-form KL and
 entropies of Gaussians (Monte Carlo tolerance from the spread over seeds), finite differences.
@@ -70,7 +71,29 @@ def test_weighted_is_a_weighted_average_of_wkv():
 
 def test_default_estimator_is_listed():
     default = inspect.signature(knn.kl).parameters["estimator"].default
-    assert default == "weighted" and set(knn.ESTIMATORS) == {"weighted", "wkv", "wkv_adaptive"}
+    assert default == "selected" and set(knn.ESTIMATORS) == {"selected", "weighted", "wkv", "wkv_adaptive"}
+    assert inspect.signature(knn.kl_with_stderr).parameters["estimator"].default == default
+
+
+def test_selected_is_weighted_or_wkv_by_estimated_mean_squared_error():
+    # Truth: the rule recomputed from the jackknife standard errors of the public functions, whose
+    # jackknife is checked against explicit deletions above; weights linear, so var(Delta) is the
+    # jackknife of the difference of the per-point terms.
+    shifted = normal(60, 300, 2), normal(61, 300, 2) * 1.5 + 1.0  # WKV biased: "weighted"
+    same = normal(62, 300, 2), normal(63, 300, 2)  # P = Q: WKV unbiased
+    for x, y in (shifted, same):
+        wkv, se_wkv = map(float, knn.kl_with_stderr(x, y, estimator="wkv"))
+        weighted, se_weighted = map(float, knn.kl_with_stderr(x, y, estimator="weighted"))
+        selected = float(knn.kl(x, y))
+        assert selected in (pytest.approx(wkv, rel=1e-12), pytest.approx(weighted, rel=1e-12))
+        if se_weighted ** 2 < se_wkv ** 2:
+            assert selected == pytest.approx(weighted, rel=1e-12)
+        if se_weighted ** 2 > se_wkv ** 2 + (wkv - weighted) ** 2:
+            assert selected == pytest.approx(wkv, rel=1e-12)
+    assert float(knn.kl(*shifted)) == pytest.approx(float(knn.kl(*shifted, estimator="weighted")), rel=1e-12)
+    # d = 20: the weights exceed 1.5, so plain WKV
+    x, y = normal(64, 100, 20), normal(65, 100, 20) + 0.5
+    assert float(knn.kl(x, y)) == pytest.approx(float(knn.kl(x, y, estimator="wkv")), rel=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -195,24 +218,193 @@ def test_sharded_samples_give_the_single_device_estimate():
 # ------------------------------------------------------------------------------------------------
 
 
-def test_duplicate_policy():
+def test_duplicate_policy_with_ties_error():
     x, y = normal(19, 50, 2), normal(20, 40, 2)
     x[10] = x[3]  # one pair of duplicates in x
     with pytest.raises(ValueError, match="`x` has duplicated points"):
-        knn.kl(x, y, estimator="wkv")
+        knn.kl(x, y, estimator="wkv", ties="error")
     with pytest.raises(ValueError, match="duplicated points"):
-        knn.entropy(x)
+        knn.entropy(x, ties="error")
     # Under jit the same input gives NaN, never -inf or a finite wrong number.
-    assert np.isnan(float(jax.jit(lambda a, b: knn.kl(a, b))(x, y)))
+    assert np.isnan(float(jax.jit(lambda a, b: knn.kl(a, b, ties="error"))(x, y)))
     # k above the multiplicity is well defined again: each copy's 2nd neighbour is at distance > 0.
-    assert np.isfinite(float(knn.kl(x, y, k=2, estimator="wkv")))
+    assert np.isfinite(float(knn.kl(x, y, k=2, estimator="wkv", ties="error")))
     x[10] = normal(26, 2)
     y[5] = x[7]  # a point of x that is also in y
     with pytest.raises(ValueError, match="coincides with at least k=1 points of `y`"):
-        knn.kl(x, y, estimator="wkv")
+        knn.kl(x, y, estimator="wkv", ties="error")
     with pytest.raises(ValueError, match="coincides"):
-        knn.cross_entropy(x, y)
-    assert np.isnan(float(jax.jit(lambda a, b: knn.cross_entropy(a, b))(x, y)))
+        knn.cross_entropy(x, y, ties="error")
+    assert np.isnan(float(jax.jit(lambda a, b: knn.cross_entropy(a, b, ties="error"))(x, y)))
+
+
+def _brute_distances(a, b):
+    return np.sqrt(np.sum((a[:, None, :] - b[None, :, :]) ** 2, axis=-1))
+
+
+def test_copies_use_the_order_of_the_first_positive_distance():
+    # Independent truth from NumPy: a point with c exact copies uses its (k + c)-th neighbour
+    # distance and psi(k + c) (WKV 2009 Sec. III with orders k + c), the others plain WKV / KL.
+    x, y = normal(40, 60, 2), normal(41, 50, 2) + 0.5
+    x[10] = x[3]
+    x[20] = x[21] = x[22]  # a triple
+    y[7] = x[30]  # a copy across
+    for k in (1, 2):
+        within = _brute_distances(x, x)
+        np.fill_diagonal(within, np.inf)
+        across = _brute_distances(x, y)
+        copies_x, copies_y = np.sum(within == 0, axis=1), np.sum(across == 0, axis=1)
+        rho = np.sort(within, axis=1)[np.arange(60), k - 1 + copies_x]
+        nu = np.sort(across, axis=1)[np.arange(60), k - 1 + copies_y]
+        expected_kl = np.mean(2 * np.log(nu / rho) + scipy.special.digamma(k + copies_x)
+                              - scipy.special.digamma(k + copies_y)) + math.log(50 / 59)
+        assert float(knn.kl(x, y, k=k, estimator="wkv")) == pytest.approx(expected_kl, rel=1e-12)
+        expected_h = (scipy.special.digamma(60) + math.log(math.pi)
+                      + np.mean(2 * np.log(rho) - scipy.special.digamma(k + copies_x)))
+        for method in ("brute", "kdtree"):
+            assert float(knn.entropy(x, k=k, method=method)) == pytest.approx(expected_h, rel=1e-12)
+
+
+def test_float32_rounding_ties_give_accurate_estimates():
+    # 10^4 float32 draws of jax.random.normal contain exact ties (the issue's failing case).
+    kx, ky = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (10_000, 1), jnp.float32)
+    y = jax.random.normal(ky, (10_000, 1), jnp.float32) + 1.0
+    assert x.dtype == jnp.float32 and np.unique(np.asarray(x)).size < 10_000
+    h, h_se = knn.entropy_with_stderr(x)
+    assert abs(float(h) - 0.5 * math.log(2 * math.pi * math.e)) < 4 * float(h_se)
+    d, d_se = knn.kl_with_stderr(x, y)  # default estimator
+    assert abs(float(d) - 0.5) < 4 * float(d_se)
+    assert float(knn.kl(x, y)) == pytest.approx(float(d), rel=1e-6)
+    assert float(knn.entropy(x)) == pytest.approx(float(h), rel=1e-6)
+
+
+def test_discrete_data_are_refused_naming_the_sample():
+    x = np.round(normal(42, 300, 1) * 3)  # integers: nearly every point has copies
+    y = normal(43, 200, 1)
+    with pytest.raises(ValueError, match="`x` looks discrete.*exact copy in `x`"):
+        knn.kl(x, y)
+    with pytest.raises(ValueError, match="`x` looks discrete"):
+        knn.entropy_with_stderr(x)
+    estimate, stderr = jax.jit(knn.kl_with_stderr)(x, y)
+    assert np.isnan(float(estimate)) and np.isnan(float(stderr))
+    x = normal(44, 300, 1)
+    y = np.concatenate([x[:40], normal(45, 160, 1)])  # 13% of x also in y
+    with pytest.raises(ValueError, match="`x` and `y` share many exact points"):
+        knn.kl(x, y)
+    with pytest.raises(ValueError, match="`ties` must be one of"):
+        knn.kl(x, y, ties="ignore")
+
+
+# ------------------------------------------------------------------------------------------------
+# Standard errors
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("estimator, k", [("wkv", 2), ("weighted", 1)])
+def test_stderr_is_the_delete_one_jackknife(estimator, k):
+    # Truth: the jackknife from n + m explicit re-estimates without one point.
+    x, y = normal(46, 40, 2), normal(47, 33, 2) * 1.3
+    estimate, stderr = knn.kl_with_stderr(x, y, k=k, estimator=estimator, method="brute")
+    assert float(estimate) == pytest.approx(float(knn.kl(x, y, k=k, estimator=estimator)), rel=1e-12)
+    without_x = np.array([float(knn.kl(np.delete(x, j, 0), y, k=k, estimator=estimator))
+                          for j in range(40)])
+    without_y = np.array([float(knn.kl(x, np.delete(y, j, 0), k=k, estimator=estimator))
+                          for j in range(33)])
+    variance = (39 / 40 * np.sum((without_x - without_x.mean()) ** 2)
+                + 32 / 33 * np.sum((without_y - without_y.mean()) ** 2))
+    assert float(stderr) == pytest.approx(math.sqrt(variance), rel=1e-9)
+
+
+def test_entropy_stderr_is_the_delete_one_jackknife_and_batches():
+    x = normal(48, 3, 35, 3)
+    estimate, stderr = knn.entropy_with_stderr(x, k=2)
+    for b in range(3):
+        without = np.array([float(knn.entropy(np.delete(x[b], j, 0), k=2)) for j in range(35)])
+        assert float(stderr[b]) == pytest.approx(math.sqrt(34 / 35 * np.sum((without - without.mean()) ** 2)),
+                                                 rel=1e-9)
+        assert float(estimate[b]) == pytest.approx(float(knn.entropy(x[b], k=2)), rel=1e-12)
+    vmapped = jax.jit(jax.vmap(lambda a: knn.entropy_with_stderr(a, k=2, method="brute")))(x)
+    np.testing.assert_allclose(np.asarray(vmapped), np.asarray((estimate, stderr)), rtol=1e-12)
+    with pytest.raises(ValueError, match="wkv_adaptive"):
+        knn.kl_with_stderr(x[0], x[1], estimator="wkv_adaptive")
+    with pytest.raises(ValueError, match="at least 3 points"):
+        knn.entropy_with_stderr(x[0, :2])
+
+
+@pytest.mark.slow
+def test_stderr_intervals_cover_the_truth():
+    # 1-D Gaussian shift (KL = 0.5) and entropy of N(0, 1), where the bias is small against the
+    # spread: the 95% intervals must cover the truth in at least 90% of 100 seeds. The jackknife is
+    # conservative for k-NN estimators (measured coverage 0.95-1.0), never below.
+    kx, ky = jax.random.split(jax.random.key(7))
+    x = jax.random.normal(kx, (100, 400, 1), jnp.float64)
+    y = jax.random.normal(ky, (100, 400, 1), jnp.float64) + 1.0
+    for estimator in ("wkv", "weighted"):
+        estimate, stderr = map(np.asarray, knn.kl_with_stderr(x, y, estimator=estimator))
+        assert np.mean(np.abs(estimate - 0.5) <= 1.96 * stderr) >= 0.9
+    estimate, stderr = map(np.asarray, knn.entropy_with_stderr(x))
+    assert np.mean(np.abs(estimate - 0.5 * math.log(2 * math.pi * math.e)) <= 1.96 * stderr) >= 0.9
+
+
+# ------------------------------------------------------------------------------------------------
+# Mutual information (KSG)
+# ------------------------------------------------------------------------------------------------
+
+
+def _ksg_numpy(x, y, k):
+    """KSG estimator 1 by brute force (Kraskov et al. 2004, eq. 8), max-norm in both spaces."""
+    dx = np.max(np.abs(x[:, None] - x[None]), axis=-1)
+    dy = np.max(np.abs(y[:, None] - y[None]), axis=-1)
+    joint = np.maximum(dx, dy)
+    np.fill_diagonal(joint, np.inf)
+    eps = np.sort(joint, axis=1)[:, k - 1]
+    np.fill_diagonal(dx, np.inf)
+    np.fill_diagonal(dy, np.inf)
+    n_x, n_y = np.sum(dx < eps[:, None], axis=1), np.sum(dy < eps[:, None], axis=1)
+    n = len(x)
+    return (scipy.special.digamma(k) + scipy.special.digamma(n)
+            - np.mean(scipy.special.digamma(n_x + 1) + scipy.special.digamma(n_y + 1)))
+
+
+def test_mutual_information_equals_scikit_learn_and_brute_force():
+    from sklearn.feature_selection import mutual_info_regression
+    from sklearn.feature_selection._mutual_info import _compute_mi_cc
+
+    z = normal(50, 500, 3)
+    x, y = z[:, :1], 0.6 * z[:, :1] + 0.8 * z[:, 1:2]
+    expected = _compute_mi_cc(x[:, 0], y[:, 0], 3)
+    assert float(knn.mutual_information(x, y)) == pytest.approx(expected, rel=1e-12)
+    # the public function scales both variables to unit standard deviation (and adds 1e-10 noise)
+    public = mutual_info_regression(x, y[:, 0], n_neighbors=4, random_state=0)[0]
+    assert float(knn.mutual_information(x / x.std(), y / y.std(), k=4)) == pytest.approx(public, rel=1e-6)
+    # several dimensions, tiled counting and brute / k-d tree joint searches
+    x2, y2 = z[:200, :2], z[:200, 1:] + 0.5 * z[:200, :2]
+    expected = _ksg_numpy(x2, y2, 5)
+    for method in ("brute", "kdtree"):
+        got = float(knn.mutual_information(x2, y2, k=5, method=method, block_size=16))
+        assert got == pytest.approx(expected, rel=1e-12)
+
+
+def test_mutual_information_of_correlated_gaussians_batched_and_jitted():
+    # I = -1/2 log det(C) / (det C_x det C_y); x (2-D) and y (1-D) with correlations 0.6, 0.3.
+    cov = np.array([[1.0, 0.0, 0.6], [0.0, 1.0, 0.3], [0.6, 0.3, 1.0]])
+    truth = -0.5 * math.log(np.linalg.det(cov) / np.linalg.det(cov[:2, :2]))
+    z = normal(51, 8, 1000, 3) @ np.linalg.cholesky(cov).T
+    x, y = z[..., :2], z[..., 2:]
+    batched = np.asarray(knn.mutual_information(x, y))  # leading batch axis
+    jitted = np.asarray(jax.jit(jax.vmap(lambda a, b: knn.mutual_information(a, b, method="brute")))(x, y))
+    np.testing.assert_allclose(jitted, batched, rtol=1e-12)
+    # KSG's bias is small here (Kraskov et al. 2004, Fig. 4); 5 standard errors of the mean
+    assert abs(batched.mean() - truth) < 5 * batched.std(ddof=1) / math.sqrt(8) + 0.005
+    assert knn.mutual_information(x.astype(np.float32), y.astype(np.float32)).dtype == jnp.float32
+    with pytest.raises(ValueError, match="must be paired"):
+        knn.mutual_information(x[0], y[0, :-1])
+    bad = x[0].copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueError, match="`x` contains NaN"):
+        knn.mutual_information(bad, y[0])
+    assert np.isnan(float(jax.jit(knn.mutual_information)(bad, y[0])))
 
 
 @pytest.mark.parametrize("method", ["brute", "kdtree"])
@@ -248,7 +440,9 @@ def test_errors():
     with pytest.raises(ValueError, match="`estimator`"):
         knn.kl(x, y, estimator="knn")
     with pytest.raises(ValueError, match='"weighted"` needs at least the orders k and 2k'):
-        knn.kl(x, y, k=3)
+        knn.kl(x, y, k=3, estimator="weighted")
+    # the default falls back to WKV there
+    assert float(knn.kl(x, y, k=3)) == pytest.approx(float(knn.kl(x, y, k=3, estimator="wkv")), rel=1e-12)
     with pytest.raises(TypeError, match="`k` must be an int"):
         knn.kl(x, y, k=2.0)
     bad = x.copy()

@@ -230,6 +230,51 @@ def test_sharded_equals_single_device(method):
     assert_same(neighbors(sharded_refs, sharded_refs, 3, exclude_self=True, method=method), single)
 
 
+def chebyshev_brute_force(queries, refs, k, exclude_self=False):
+    """(distances, indices) under the max-norm by NumPy; ties to the smaller index."""
+    distances = np.max(np.abs(np.asarray(queries)[:, None, :] - np.asarray(refs)[None, :, :]), axis=-1)
+    if exclude_self:
+        np.fill_diagonal(distances, np.inf)
+    index = np.argsort(distances, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(distances, index, axis=1), index
+
+
+# d = 2: k-d tree with p=inf; d = 12: the brute path, which for Chebyshev always tiles differences
+# (grid points: exact ties, resolved to the smaller index); float32 keys with float64 input.
+@pytest.mark.parametrize("d, method, block_size", [(2, "kdtree", None), (2, "brute", 16),
+                                                   (12, "brute", None), (12, "kdtree", None)])
+def test_chebyshev_matches_numpy_brute_force(d, method, block_size):
+    queries = grid_points(30, 50, d) + 0.25 * normal(31, 50, d)
+    refs = grid_points(32, 90, d)
+    refs[:45] += 0.25 * normal(33, 45, d)
+    for k in (1, 4):
+        expected = chebyshev_brute_force(queries, refs, k)
+        result = neighbors(queries, refs, k, method=method, block_size=block_size, metric="chebyshev")
+        np.testing.assert_array_equal(np.asarray(result[1]), expected[1])
+        np.testing.assert_array_equal(np.asarray(result[0]), expected[0])  # max |q - r| is exact
+    expected = chebyshev_brute_force(refs, refs, 3, exclude_self=True)
+    result = neighbors(refs, refs, 3, exclude_self=True, method=method, metric="chebyshev")
+    np.testing.assert_array_equal(np.asarray(result[1]), expected[1])
+    with pytest.raises(ValueError, match="`metric` must be one of"):
+        neighbors(queries, refs, 1, metric="manhattan")
+
+
+def test_chebyshev_sharded_equals_single_device_and_radius_counts():
+    rows = NamedSharding(four_device_mesh(), PartitionSpec("shards"))
+    queries, refs = normal(34, 36, 3), grid_points(35, 160, 3) + 0.5 * normal(36, 160, 3)
+    for method in ("brute", "kdtree"):
+        single = neighbors(queries, refs, 4, method=method, metric="chebyshev")
+        assert_same(neighbors(queries, jax.device_put(refs, rows), 4, method=method, metric="chebyshev"),
+                    single)
+    # strict radius counts (KSG): the point at distance exactly eps is not counted
+    radius = np.asarray(single[0])[:, 3]
+    distances = np.max(np.abs(queries[:, None] - refs[None]), axis=-1)
+    for block_size in (None, 16):
+        counts = _knn_search.count_within(jnp.asarray(queries), jnp.asarray(refs), jnp.asarray(radius),
+                                          metric="chebyshev", block_size=block_size)
+        np.testing.assert_array_equal(np.asarray(counts), np.sum(distances < radius[:, None], axis=1))
+
+
 def test_sharded_over_two_mesh_axes():
     devices = jax.devices()
     if len(devices) < 4:

@@ -6,6 +6,7 @@ d KL(pi || q) / d logits = pi * (log(pi / q) - KL(pi || q))   and   d KL(q || pi
 For sequences, an autoregressive tabular policy is enumerated over all V**T sequences.
 """
 
+import functools
 import itertools
 
 import jax
@@ -327,11 +328,14 @@ def test_proportional_kl_coefficient_matches_reference_formula():
     ("proportional", dict(beta=1.0, kl=2.0, target=1.0, num_steps=1, horizon=10), "horizon", -10.0),
     ("proportional", dict(beta=1.0, kl=2.0, target=1.0, num_steps=1, horizon=10), "error_clip", -0.2),
     ("proportional", dict(beta=1.0, kl=2.0, target=1.0, num_steps=1, horizon=10), "beta", np.nan),
+    ("lagrangian", dict(beta=1.0, kl=0.01, target=0.01, learning_rate=0.1), "beta", -0.5),
+    ("lagrangian", dict(beta=1.0, kl=0.01, target=0.01, learning_rate=0.1), "target", 0.0),
+    ("lagrangian", dict(beta=1.0, kl=0.01, target=0.01, learning_rate=0.1), "learning_rate", 0.0),
 ])
 def test_controllers_reject_bad_arguments(controller, arguments, name, bad):
     # Eagerly a ValueError naming the argument; under jit NaN, never a finite coefficient.
-    function = {"adaptive": policy.adaptive_kl_coefficient,
-                "proportional": policy.proportional_kl_coefficient}[controller]
+    function = {"adaptive": policy.adaptive_kl_coefficient, "proportional": policy.proportional_kl_coefficient,
+                "lagrangian": policy.lagrangian_kl_coefficient}[controller]
     arguments = dict(arguments, **{name: bad})
     assert np.isfinite(float(function(**dict(arguments, **{name: {"num_steps": 1}.get(name, 1.0)}))))
     with pytest.raises(ValueError, match=f"`{name}` must be"):
@@ -388,3 +392,153 @@ def test_sequence_exact_kl_tokens_out_of_range():
     batch = jax.jit(policy.sequence_exact_kl)(jnp.zeros((2, 3, 2)), jnp.ones((2, 3, 2)),
                                               jnp.array([[0, 1, 1], [0, -1, 1]]))
     assert np.isfinite(float(batch[0])) and np.isnan(float(batch[1]))
+
+
+# --- RL options: abs, straight-through, KL direction, truncated weights, Lagrangian controller ---------
+
+
+def _expected_grad_elementwise(surrogate, logits, log_ref, sampling_logits=None, *extra):
+    """sum_a mu(a) grad_logits surrogate(log pi(a)) for an elementwise surrogate, by the chain rule through
+    log pi(a): one autodiff call for all actions (the surrogate's derivative in its first argument)."""
+    log_pi = jax.nn.log_softmax(logits)
+    derivative = np.asarray(jax.grad(lambda lp: jnp.sum(surrogate(lp, log_ref, *extra)))(log_pi))
+    p = _softmax(np.asarray(logits))
+    mu = p if sampling_logits is None else _softmax(np.asarray(sampling_logits))
+    return (mu * derivative) @ (np.eye(p.size) - p[None, :])  # row a of the second factor: grad log pi(a)
+
+
+def _sign_gradient(logits, log_ref):
+    """Closed form sum_a sign(k1(a)) grad pi(a) = pi * (s - E_pi[s]) with s = sign(log pi - log ref)."""
+    p = _softmax(np.asarray(logits))
+    s = np.sign(np.log(p) - np.asarray(log_ref))
+    return p * (s - np.sum(p * s))
+
+
+_OPTIONS = {f"straight_through[{v},{g}]": functools.partial(policy.straight_through_loss, value=v, gradient=g)
+            for v in ("k1", "k2", "k3", "abs") for g in ("k1", "k2", "k3", "abs")}
+_OPTIONS.update({f"kl_loss[{d},{e}]": functools.partial(policy.kl_loss, direction=d, estimator=e)
+                 for d, estimators in (("reverse", ("k1", "k2", "k3")), ("forward", ("k1", "k3"))) for e in estimators})
+_OPTIONS["abs_loss"] = policy.abs_loss
+
+
+@jax.jit  # every option in one compile: per action, the surrogate's value and derivative in log pi(a)
+def _values_and_derivatives(log_pi, log_ref):
+    return {name: (f(log_pi, log_ref), jax.grad(lambda lp, f=f: jnp.sum(f(lp, log_ref)))(log_pi))
+            for name, f in _OPTIONS.items()}
+
+
+def test_rl_options_expected_gradients_by_enumeration():
+    """E_{a~pi}[grad surrogate(a)] = sum_a pi(a) (d surrogate / d log pi(a)) grad log pi(a) (chain rule)."""
+    logits, log_ref = _case(5)
+    p, ref = _softmax(np.asarray(logits)), np.exp(np.asarray(log_ref))
+    reverse, forward = float(np.sum(p * np.log(p / ref))), float(np.sum(ref * np.log(ref / p)))
+    gradients = {"k1": np.zeros(K), "k2": _grad_reverse_kl(logits, log_ref),
+                 "k3": _grad_forward_kl(logits, log_ref), "abs": _sign_gradient(logits, log_ref)}
+    # the chain-rule shortcut agrees with per-action autodiff (the helper of the tests above)
+    np.testing.assert_allclose(_expected_grad(policy.abs_loss, logits, log_ref), gradients["abs"], atol=1e-12)
+    score = np.eye(K) - p[None, :]  # row a: grad_logits log pi(a)
+    expected = {f"straight_through[{v},{g}]": (gradients[g], reverse if v in ("k1", "k3") else None)
+                for v in ("k1", "k2", "k3", "abs") for g in gradients}
+    expected.update({f"kl_loss[reverse,{e}]": (gradients["k2"], reverse if e != "k2" else None)
+                     for e in ("k1", "k2", "k3")})
+    expected.update({f"kl_loss[forward,{e}]": (gradients["k3"], forward) for e in ("k1", "k3")})
+    expected["abs_loss"] = (gradients["abs"], None)
+    results = _values_and_derivatives(jax.nn.log_softmax(logits), log_ref)
+    assert set(results) == set(expected)
+    for name, (values, derivatives) in results.items():
+        gradient, value = expected[name]
+        np.testing.assert_allclose((p * np.asarray(derivatives)) @ score, gradient, atol=1e-12, err_msg=name)
+        if value is not None:  # unbiased values
+            assert float(p @ np.asarray(values)) == pytest.approx(value, rel=1e-10), name
+
+
+def test_truncated_importance_weights_by_enumeration():
+    """a ~ pi_old: no weight cut -> grad KL(pi || ref); cut at c -> the stated biased formula."""
+    logits, log_ref = _case(3)
+    old_logits = jnp.asarray(np.random.default_rng(4).normal(size=K))
+    log_old = jax.nn.log_softmax(old_logits)
+    p, p_old, ref = (np.exp(np.asarray(jax.nn.log_softmax(x))) for x in (logits, old_logits, log_ref))
+    weights = p / p_old
+    score = np.eye(K) - p[None, :]  # row a: grad_logits log pi(a)
+    k1 = np.log(p / ref)
+    for cap in (2 * weights.max(), float(np.median(weights))):
+        def surrogate(lp, lr, lo, cap=cap):
+            return policy.k3_loss_is(lp, lr, lo, max_weight=cap)
+
+        got = _expected_grad_elementwise(surrogate, logits, log_ref, old_logits, log_old)
+        cut = weights > cap
+        per_action = np.where(cut, p_old * cap * (1 - ref / p), p * k1)
+        np.testing.assert_allclose(got, per_action @ score, atol=1e-12)
+        if not cut.any():
+            np.testing.assert_allclose(got, _grad_reverse_kl(logits, log_ref), atol=1e-12)
+    with pytest.raises(ValueError, match="`max_weight`"):
+        policy.k3_loss_is(-1.0, -1.0, -1.0, max_weight=0.0)
+    assert np.isnan(float(jax.jit(lambda c: policy.k3_loss_is(-1.0, -1.0, -1.0, max_weight=c))(-1.0)))
+
+
+def test_lagrangian_controller_settles_on_the_kl_budget():
+    """Dual ascent with the exact KL of pi_beta ~ ref exp(r / beta) converges to the beta whose KL is the
+    target (found by bisection), where the optimal policy's constraint is tight."""
+    rng = np.random.default_rng(0)
+    log_ref = jnp.log(jnp.asarray(rng.dirichlet(np.ones(6))))
+    reward = jnp.asarray(rng.normal(size=6))
+    target = 0.2
+
+    def kl_of(beta):
+        return policy.exact_kl(log_ref + reward / beta, log_ref)
+
+    def kl_numpy(beta):  # the same KL in NumPy, for the bisection
+        logits = np.asarray(log_ref) + np.asarray(reward) / beta
+        log_p = logits - np.log(np.sum(np.exp(logits - logits.max()))) - logits.max()
+        return float(np.sum(np.exp(log_p) * (log_p - np.asarray(log_ref))))
+
+    @jax.jit
+    def run(beta):
+        def step(beta, _):
+            return policy.lagrangian_kl_coefficient(beta, kl_of(beta), target, learning_rate=2.0), None
+        return jax.lax.scan(step, beta, None, length=400)[0]
+
+    low, high = 1e-3, 1e3  # KL decreases in beta
+    for _ in range(100):
+        middle = np.sqrt(low * high)
+        low, high = (middle, high) if kl_numpy(middle) > target else (low, middle)
+    beta = run(jnp.asarray(1.0))
+    assert float(beta) == pytest.approx(low, rel=1e-6)
+    assert float(kl_of(beta)) == pytest.approx(target, rel=1e-6)
+    # A budget the reference already meets: the multiplier falls to 0 and stays there.
+    assert float(policy.lagrangian_kl_coefficient(0.01, 0.0, target, learning_rate=1.0)) == 0.0
+
+
+@pytest.mark.parametrize("surrogate, names", [
+    (policy.k1_loss, ("log_prob", "log_prob_ref")), (policy.k2_loss, ("log_prob", "log_prob_ref")),
+    (policy.k3_loss, ("log_prob", "log_prob_ref")), (policy.k1_reward, ("log_prob", "log_prob_ref")),
+    (policy.k3_loss_is, ("log_prob", "log_prob_ref", "log_prob_old")), (policy.abs_loss, ("log_prob", "log_prob_ref")),
+    (policy.straight_through_loss, ("log_prob", "log_prob_ref")), (policy.kl_loss, ("log_prob", "log_prob_ref")),
+    (policy.sequence_k1_reward, ("log_probs", "log_probs_ref")),
+])
+def test_nan_log_probs_raise_eagerly_naming_the_argument(surrogate, names):
+    good = jnp.log(jnp.array([0.2, 0.5]))
+    for index, name in enumerate(names):
+        arguments = [good] * len(names)
+        arguments[index] = good.at[0].set(jnp.nan)
+        with pytest.raises(ValueError, match=f"`{name}`"):
+            surrogate(*arguments)
+        assert np.isnan(np.asarray(jax.jit(surrogate)(*arguments))).any()
+
+
+def test_controllers_reject_nan_kl_and_option_names():
+    for controller, arguments in ((policy.adaptive_kl_coefficient, (1.0, jnp.nan, 0.01)),
+                                  (policy.proportional_kl_coefficient, (1.0, jnp.nan, 1.0, 1, 10))):
+        with pytest.raises(ValueError, match="`kl`"):
+            controller(*arguments)
+        assert np.isnan(float(jax.jit(controller)(*arguments)))
+    with pytest.raises(ValueError, match="`kl`"):
+        policy.lagrangian_kl_coefficient(1.0, np.nan, 0.1, learning_rate=0.1)
+    with pytest.raises(ValueError, match="`gradient`"):
+        policy.straight_through_loss(-1.0, -1.0, gradient="k4")
+    with pytest.raises(ValueError, match="`direction`"):
+        policy.kl_loss(-1.0, -1.0, direction="sideways")
+    with pytest.raises(ValueError, match="`estimator`"):
+        policy.kl_loss(-1.0, -1.0, direction="forward", estimator="k2")
+    with pytest.raises(ValueError, match="`log_probs_ref`"):  # the shape message names the arguments
+        policy.sequence_k1_reward(jnp.zeros(3), jnp.zeros(2))
