@@ -528,10 +528,29 @@ _MAX_TIED_FRACTION = 0.1
 _MAX_COPIES = 8
 
 
+class _CountStatistic:
+    """The permutation core of the statistics built on per-point one-hot bins (``one_hot(pooled)``):
+    each pooled point keeps its bin under a re-split, so a re-split's counts are one product of its labels
+    with the pooled one-hot matrix, and the statistic is the smoothed KL of the two count vectors."""
+
+    def prepare(self, x, y):
+        one_hot, feature_valid = self.one_hot(jnp.concatenate([x, y], axis=0))  # (N, [d,] bins)
+        return one_hot.reshape(one_hot.shape[0], -1), jnp.sum(one_hot, axis=0), feature_valid
+
+    def evaluate(self, data, is_x):
+        flat, total, feature_valid = data
+        counts_x = (is_x.astype(flat.dtype) @ flat).reshape((is_x.shape[0],) + total.shape)
+        value = _smoothed_kl(counts_x, total[None] - counts_x, jnp.asarray(self.pseudocount, flat.dtype))
+        return jnp.where(feature_valid[None], value, jnp.nan)
+
+    def valid(self, x, y):
+        return ~_not_finite(x, y) & (jnp.asarray(self.pseudocount) >= 0)
+
+
 @functools.partial(jax.tree_util.register_dataclass, data_fields=("pseudocount", "edges"),
                    meta_fields=("bins", "binning"))
 @dataclasses.dataclass(frozen=True)
-class HistogramKL:
+class HistogramKL(_CountStatistic):
     """Per-feature histogram KL (:func:`feature_histogram_kl`) as a statistic; one value per feature.
 
     Bin edges: ``edges`` when given (they must not depend on x or y, e.g. fixed on a separate part
@@ -581,20 +600,11 @@ class HistogramKL:
         bins = edges.shape[-1] - 1
         return jax.nn.one_hot(_bin_indices(pooled, edges), bins, dtype=pooled.dtype), _edges_valid(edges)
 
-    def prepare(self, x, y):
-        return _prepare_counts(self, x, y)
-
-    def evaluate(self, data, is_x):
-        return _evaluate_counts(data, is_x, self.pseudocount)
-
-    def valid(self, x, y):
-        return ~_not_finite(x, y) & (jnp.asarray(self.pseudocount) >= 0)
-
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=("pseudocount",),
                    meta_fields=("num_categories",))
 @dataclasses.dataclass(frozen=True)
-class CategoricalKL:
+class CategoricalKL(_CountStatistic):
     """Per-feature KL between category frequencies, with unseen categories counted in one extra bin.
 
     Each feature holds category codes 0, 1, ..., ``num_categories`` - 1 (as floats). A value that is not
@@ -631,27 +641,6 @@ class CategoricalKL:
         codes = jnp.where(known, pooled, self.num_categories).astype(jnp.int32)
         valid = jnp.ones(pooled.shape[1:], bool)
         return jax.nn.one_hot(codes, self.num_categories + 1, dtype=pooled.dtype), valid
-
-    def prepare(self, x, y):
-        return _prepare_counts(self, x, y)
-
-    def evaluate(self, data, is_x):
-        return _evaluate_counts(data, is_x, self.pseudocount)
-
-    def valid(self, x, y):
-        return ~_not_finite(x, y) & (jnp.asarray(self.pseudocount) >= 0)
-
-
-def _prepare_counts(statistic, x, y):
-    one_hot, feature_valid = statistic.one_hot(jnp.concatenate([x, y], axis=0))  # (N, [d,] bins)
-    return one_hot.reshape(one_hot.shape[0], -1), jnp.sum(one_hot, axis=0), feature_valid
-
-
-def _evaluate_counts(data, is_x, pseudocount):
-    flat, total, feature_valid = data
-    counts_x = (is_x.astype(flat.dtype) @ flat).reshape((is_x.shape[0],) + total.shape)
-    value = _smoothed_kl(counts_x, total[None] - counts_x, jnp.asarray(pseudocount, flat.dtype))
-    return jnp.where(feature_valid[None], value, jnp.nan)
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=(), meta_fields=())
