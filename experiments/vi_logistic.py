@@ -43,7 +43,7 @@ import optax
 
 from experiments._common import (Timer, markdown_table, parser, progress, run_main, save_figure,
                                  save_metrics)
-from kljax import analytic, distributions
+from kljax import analytic, distributions, knn, ratio
 
 TITLE = "Bayesian logistic regression: mean-field vs full-rank VI against NUTS"
 ORDER = 52
@@ -181,22 +181,6 @@ def predictive_metrics(weight_draws, features, labels, num_bins=10):
             "reliability": bins}
 
 
-def _ratio_module():
-    try:
-        from kljax import ratio
-    except ImportError:
-        return None
-    return ratio
-
-
-def _knn_module():
-    try:
-        from kljax import knn
-    except ImportError:
-        return None
-    return knn
-
-
 def _parse(argv):
     p = parser("vi_logistic", __doc__.splitlines()[0])
     p.add_argument("--prior-scale", type=float, default=1.0, help="prior std of every weight and the bias")
@@ -239,14 +223,9 @@ def main(argv: list[str] | None = None) -> dict:
     def whiten(x):
         return np.linalg.solve(ref_tril, (np.asarray(x, np.float64) - ref_mean).T).T
 
-    knn = _knn_module()
-    ratio = _ratio_module()
     ratio_key = jax.random.fold_in(key, 7)
 
     def ratio_distances(x_p, x_q):
-        if ratio is None:
-            return None
-
         def kl(a, b, salt):
             value, stderr = ratio.kl_with_stderr(jax.random.fold_in(ratio_key, salt), jnp.asarray(whiten(a), dtype),
                                                  jnp.asarray(whiten(b), dtype))
@@ -256,9 +235,6 @@ def main(argv: list[str] | None = None) -> dict:
                 "stderr_reference_to_q": forward[1], "stderr_q_to_reference": backward[1]}
 
     def knn_distances(x_p, x_q):
-        if knn is None:
-            return None
-
         def unique(x):
             # A repeated MCMC draw is a zero neighbour distance, which the kNN estimators reject; shapes
             # stay the same otherwise, so one compiled estimator serves every call.
@@ -327,8 +303,6 @@ def main(argv: list[str] | None = None) -> dict:
                    "knn_estimator": args.knn_estimator, "seed": args.seed,
                    "num_train": int(x_train.shape[0]), "num_test": int(x_test.shape[0]),
                    "dimension": int(x_train.shape[1])},
-        "knn_available": knn is not None,
-        "ratio_available": ratio is not None,
         "reference_floor": floor,
         "results": results,
     }
@@ -402,23 +376,20 @@ def report(metrics: dict, rel_dir) -> str:
         [[name, results[name]["test"]["accuracy"], results[name]["test"]["log_loss"],
           results[name]["test"]["ece"], results[name]["seconds"]] for name in ("nuts",) + FAMILIES])
     config = metrics["config"]
-    if not metrics["knn_available"]:
-        knn_note = "\n\nkljax.knn was not available when this ran, so the kNN columns are empty."
-    else:
-        knn_values = [results[name]["kl_knn"][direction] for name in FAMILIES
-                      for direction in ("kl_reference_to_q", "kl_q_to_reference")]
-        agree = []
-        for direction, label in (("kl_reference_to_q", "reference → q"), ("kl_q_to_reference", "q → reference")):
-            knn_order = results["full_rank"]["kl_knn"][direction] < results["mean_field"]["kl_knn"][direction]
-            closed_order = (results["full_rank"]["kl_closed_form_gaussian"][direction]
-                            < results["mean_field"]["kl_closed_form_gaussian"][direction])
-            agree.append(f"{label}: {'agrees' if knn_order == closed_order else 'disagrees'}")
-        knn_note = (
-            "\n\nkNN estimates in d = 31 from a few thousand draws are dominated by bias; read them against "
-            "the floor row. Ranking of the two families by kNN vs by the closed form: " + "; ".join(agree) + "."
-            + (" A negative kNN value (a divergence is >= 0) shows the bias directly: for a q narrower than "
-               "the reference, reference draws lie nearer to q's cloud than to each other in high dimension."
-               if min(knn_values) < 0 else ""))
+    knn_values = [results[name]["kl_knn"][direction] for name in FAMILIES
+                  for direction in ("kl_reference_to_q", "kl_q_to_reference")]
+    agree = []
+    for direction, label in (("kl_reference_to_q", "reference → q"), ("kl_q_to_reference", "q → reference")):
+        knn_order = results["full_rank"]["kl_knn"][direction] < results["mean_field"]["kl_knn"][direction]
+        closed_order = (results["full_rank"]["kl_closed_form_gaussian"][direction]
+                        < results["mean_field"]["kl_closed_form_gaussian"][direction])
+        agree.append(f"{label}: {'agrees' if knn_order == closed_order else 'disagrees'}")
+    knn_note = (
+        "\n\nkNN estimates in d = 31 from a few thousand draws are dominated by bias; read them against "
+        "the floor row. Ranking of the two families by kNN vs by the closed form: " + "; ".join(agree) + "."
+        + (" A negative kNN value (a divergence is >= 0) shows the bias directly: for a q narrower than "
+           "the reference, reference draws lie nearer to q's cloud than to each other in high dimension."
+           if min(knn_values) < 0 else ""))
     return (
         f"Breast cancer, {config['num_train']} train / {config['num_test']} test, d = {config['dimension']} "
         f"(bias included), prior N(0, {config['prior_scale']}²). NUTS: {config['num_warmup']} warmup + "
