@@ -1,7 +1,8 @@
 """The one helper module shared by the experiments: arguments, progress, saving and plotting.
 
 Every experiment is ``python -m experiments.NAME [--quick] --out DIR`` and writes ``DIR/metrics.json``
-plus PNG figures. A module that should appear in ``results/REPORT.md`` defines
+plus PNG figures. Settings are a frozen ``Config`` dataclass with a ``quick()`` classmethod;
+``parse_config`` turns its fields into flags. A module that should appear in ``results/REPORT.md`` defines
 
     TITLE = "..."                 # section heading
     ORDER = 10                    # position in the report (smaller first)
@@ -14,11 +15,13 @@ and ``experiments.report`` discovers it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
 import sys
 import time
+import typing
 from typing import Any, Callable, Iterable
 
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -53,6 +56,58 @@ def float_list(text: str) -> list[float]:
         return [float(v) for v in text.split(",") if v.strip()]
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _flag_type(annotation) -> Callable[[str], Any]:
+    if typing.get_origin(annotation) is tuple:
+        (element, *_) = typing.get_args(annotation)
+        if element is int:
+            return lambda text: tuple(int(v) for v in float_list(text))
+        if element is str:
+            return lambda text: tuple(v.strip() for v in text.split(",") if v.strip())
+        return lambda text: tuple(float_list(text))
+    if annotation is bool:
+        return _boolean
+    return annotation
+
+
+def parse_config(config_class, name: str, description: str, argv: list[str] | None):
+    """The study's settings from the command line: ``config_class.quick()`` under ``--quick``, else
+    ``config_class()``, with every field overridden by its flag when given.
+
+    Args:
+      config_class: a frozen dataclass with a ``quick()`` classmethod; fields annotated ``int``,
+        ``float``, ``str``, ``bool`` (``--flag true``) or ``tuple[int | float | str, ...]`` (comma-separated)
+        become flags (``seed`` is ``--seed``).
+      name: the experiment's module name (for ``--out``'s default).
+      description: the parser's description.
+      argv: the arguments (``None``: ``sys.argv``).
+
+    Returns:
+      ``(config, args)``: the settings and the parsed namespace (``out``, ``quick``, ``no_progress``).
+    """
+    cli = parser(name, description)
+    hints = typing.get_type_hints(config_class)
+    for field in dataclasses.fields(config_class):
+        flag = "--" + field.name.replace("_", "-")
+        if field.name == "seed":  # parser() has it already
+            continue
+        cli.add_argument(flag, type=_flag_type(hints[field.name]), default=None,
+                            help=f"(default {getattr(config_class(), field.name)!r}, "
+                                 f"quick {getattr(config_class.quick(), field.name)!r})")
+    args = cli.parse_args(argv)
+    config = config_class.quick() if args.quick else config_class()
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)
+                 if getattr(args, f.name, None) is not None}
+    return dataclasses.replace(config, **overrides), args
 
 
 def progress(iterable: Iterable, *, desc: str, total: int | None = None, disable: bool = False):

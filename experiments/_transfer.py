@@ -21,8 +21,6 @@ via callable PyTrees and filtered transformations", 2021, https://arxiv.org/abs/
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 from typing import Any, Callable, Sequence
 
 import equinox as eqx
@@ -37,49 +35,6 @@ from experiments import _common
 NUM_CLASSES = 10
 NUM_FEATURES = 64
 SIGNIFICANCE = 0.05
-
-
-# ----------------------------------------------------------------------------------------------
-# Settings: frozen dataclass -> flags
-# ----------------------------------------------------------------------------------------------
-
-def _flag_type(annotation) -> Callable[[str], Any]:
-    if typing.get_origin(annotation) is tuple:
-        (element, *_) = typing.get_args(annotation)
-        if element is int:
-            return lambda text: tuple(int(v) for v in _common.float_list(text))
-        return lambda text: tuple(_common.float_list(text))
-    return annotation
-
-
-def parse_config(config_class, name: str, description: str, argv: list[str] | None):
-    """The study's settings from the command line: ``config_class.quick()`` under ``--quick``, else
-    ``config_class()``, with every field overridden by its flag when given.
-
-    Args:
-      config_class: a frozen dataclass with a ``quick()`` classmethod; fields annotated ``int``,
-        ``float``, ``str`` or ``tuple[int | float, ...]`` become flags (``seed`` is ``--seed``).
-      name: the experiment's module name (for ``--out``'s default).
-      description: the parser's description.
-      argv: the arguments (``None``: ``sys.argv``).
-
-    Returns:
-      ``(config, args)``: the settings and the parsed namespace (``out``, ``quick``, ``no_progress``).
-    """
-    parser = _common.parser(name, description)
-    hints = typing.get_type_hints(config_class)
-    for field in dataclasses.fields(config_class):
-        flag = "--" + field.name.replace("_", "-")
-        if field.name == "seed":  # _common.parser has it already
-            continue
-        parser.add_argument(flag, type=_flag_type(hints[field.name]), default=None,
-                            help=f"(default {getattr(config_class(), field.name)!r}, "
-                                 f"quick {getattr(config_class.quick(), field.name)!r})")
-    args = parser.parse_args(argv)
-    config = config_class.quick() if args.quick else config_class()
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)
-                 if getattr(args, f.name, None) is not None}
-    return dataclasses.replace(config, **overrides), args
 
 
 # ----------------------------------------------------------------------------------------------

@@ -191,7 +191,7 @@ def run(config: Config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    config, args = T.parse_config(Config, "distill_kl", __doc__.splitlines()[0], argv)
+    config, args = _common.parse_config(Config, "distill_kl", __doc__.splitlines()[0], argv)
     metrics = run(config)
     metrics["config"]["quick"] = bool(args.quick)
     _common.save_metrics(args.out, metrics)
