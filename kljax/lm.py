@@ -79,9 +79,9 @@ from kljax._math import _phi_series, computation_dtype, exp_minus_one_minus
 
 __all__ = ["kl_from_hidden", "jsd_from_hidden"]
 
-#: Default (tokens, vocabulary entries) per chunk: 2M logits (8 MiB in float32) per model, and
+#: Default (tokens, vocabulary entries) per chunk: 1M logits (4 MiB in float32) per model, and
 #: matrix products large enough to run at full speed.
-DEFAULT_CHUNK_SIZE = (512, 4096)
+DEFAULT_CHUNK_SIZE = (512, 2048)
 
 _unit_interval = Constraint(lambda x: (x >= 0) & (x <= 1), "in [0, 1]")
 
