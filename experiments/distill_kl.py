@@ -39,8 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import _common
-from experiments import _transfer as T
+from experiments import _common, _data, _models, _stats, _train
 from kljax import discrete
 
 TITLE = "Distillation on a held-out transfer set: labels, mixed, forward and reverse KL (digits)"
@@ -97,13 +96,13 @@ def distillation_loss(student_logits, teacher_logits, labels, *, alpha, temperat
     """
     s, t = student_logits / temperature, teacher_logits / temperature
     kl = (1.0 - reverse) * discrete.kl_logits(t, s) + reverse * discrete.kl_logits(s, t)
-    return alpha * T.cross_entropy(student_logits, labels) + (1.0 - alpha) * temperature**2 * jnp.mean(kl)
+    return alpha * _train.cross_entropy(student_logits, labels) + (1.0 - alpha) * temperature**2 * jnp.mean(kl)
 
 
 @eqx.filter_jit
 def _teachers(init, static, x, y, config: Config):
-    return T.fit(init, lambda p: T.cross_entropy(T.logits_of(p, static, x), y),
-                 steps=config.teacher_steps, learning_rate=config.learning_rate)
+    return _train.fit(init, lambda p: _train.cross_entropy(_models.apply(p, static, x), y),
+                      steps=config.teacher_steps, learning_rate=config.learning_rate)
 
 
 @eqx.filter_jit
@@ -111,10 +110,12 @@ def _students(init, static, x, y, teacher_logits, x_test, settings, config: Conf
     """Trains one student per row of ``settings`` (alpha, T, reverse) from ``init``; test logits (R, n, 10)."""
     def one(setting):
         alpha, temperature, reverse = setting[0], setting[1], setting[2]
-        params = T.fit(init, lambda p: distillation_loss(T.logits_of(p, static, x), teacher_logits, y, alpha=alpha,
-                                                         temperature=temperature, reverse=reverse),
-                       steps=config.steps, learning_rate=config.learning_rate)
-        return T.logits_of(params, static, x_test)
+        def loss(p):
+            return distillation_loss(_models.apply(p, static, x), teacher_logits, y, alpha=alpha,
+                                     temperature=temperature, reverse=reverse)
+
+        params = _train.fit(init, loss, steps=config.steps, learning_rate=config.learning_rate)
+        return _models.apply(params, static, x_test)
 
     return jax.vmap(one)(settings)
 
@@ -124,7 +125,7 @@ def _scores(logits, labels, teacher_logits) -> dict[str, jax.Array]:
     """Test metrics but ECE of every model at once: logits (..., n, 10), labels (..., n), teacher (..., n, 10)."""
     teacher_logits = jnp.broadcast_to(teacher_logits, logits.shape)
     return {
-        "student_accuracy": T.accuracy(logits, labels),
+        "student_accuracy": _train.accuracy(logits, labels),
         "forward_kl": jnp.mean(discrete.kl_logits(teacher_logits, logits), axis=-1),
         "reverse_kl": jnp.mean(discrete.kl_logits(logits, teacher_logits), axis=-1),
         "agreement_with_teacher": jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(teacher_logits, -1), axis=-1),
@@ -134,19 +135,19 @@ def _scores(logits, labels, teacher_logits) -> dict[str, jax.Array]:
 def run(config: Config) -> dict:
     """Runs the study; returns the metrics (per-seed values, means and 95% intervals)."""
     seeds = [config.seed + s for s in range(config.seeds)]
-    (x_teach, y_teach), (x_transfer, y_transfer), (x_test, y_test) = T.stacked_parts(seeds, FRACTIONS)
+    (x_teach, y_teach), (x_transfer, y_transfer), (x_test, y_test) = _data.stacked_parts(seeds, FRACTIONS)
     runs = config.runs()
     settings = jnp.asarray([(1.0 if loss == "labels" else config.mixed_alpha if loss == "mixed" else 0.0,
                              temperature, 1.0 if loss == "reverse" else 0.0) for loss, temperature in runs],
                            jnp.float32)
     with _common.Timer() as timer:
-        init, static = T.init_mlps(seeds, 0, config.teacher_width, config.teacher_depth)
+        init, static = _models.init_mlps(seeds, 0, config.teacher_width, config.teacher_depth)
         teacher = jax.vmap(lambda p, x, y: _teachers(p, static, x, y, config))(init, x_teach, y_teach)
-        logits = jax.jit(jax.vmap(lambda p, x: T.logits_of(p, static, x)))
+        logits = jax.jit(jax.vmap(lambda p, x: _models.apply(p, static, x)))
         teacher_own, teacher_transfer, teacher_test = (logits(teacher, x) for x in (x_teach, x_transfer, x_test))
         per_width = {}
         for i, width in enumerate(config.student_widths):
-            student_init, student_static = T.init_mlps(seeds, 1 + i, width, 1)
+            student_init, student_static = _models.init_mlps(seeds, 1 + i, width, 1)
             per_width[width] = jax.vmap(
                 lambda p, x, y, t, xt: _students(p, student_static, x, y, t, xt, settings, config))(
                 student_init, x_transfer, y_transfer, teacher_transfer, x_test)  # (seeds, runs, n, 10)
@@ -156,13 +157,13 @@ def run(config: Config) -> dict:
 
     top_own, top_transfer = top_probability(teacher_own), top_probability(teacher_transfer)
     teacher_rows = {
-        "accuracy": np.asarray(T.accuracy(teacher_test, y_test)),
+        "accuracy": np.asarray(_train.accuracy(teacher_test, y_test)),
         "ece": [expected_calibration_error(teacher_test[s], y_test[s]) for s in range(config.seeds)],
         "mean_max_probability_on_transfer_set": top_transfer.mean(axis=-1),
         "mean_max_probability_on_own_training_set": top_own.mean(axis=-1),
         "fraction_below_0.9_on_transfer_set": (top_transfer < 0.9).mean(axis=-1),
         "fraction_below_0.9_on_own_training_set": (top_own < 0.9).mean(axis=-1),
-        "accuracy_on_transfer_set": np.asarray(T.accuracy(teacher_transfer, y_transfer)),
+        "accuracy_on_transfer_set": np.asarray(_train.accuracy(teacher_transfer, y_transfer)),
     }
     results = []
     for width, test_logits in per_width.items():
@@ -176,14 +177,14 @@ def run(config: Config) -> dict:
                    "alpha": float(settings[r, 0])}
             for name in METRICS:
                 values = [float(v) for v in scores[name][:, r]]
-                stats = T.summarise(values)
+                stats = _stats.summarise(values)
                 row[name], row[name + "_ci95"], row[name + "_std"] = stats["mean"], stats["ci95"], stats["std"]
                 row[name + "_seeds"] = values
             results.append(row)
     return {
         "config": {**dataclasses.asdict(config), "fractions": list(FRACTIONS), "ece_bins": ECE_BINS,
                    "part_sizes": [int(x_teach.shape[1]), int(x_transfer.shape[1]), int(x_test.shape[1])]},
-        "teacher": {name: {**T.summarise(values), "seeds": [float(v) for v in values]}
+        "teacher": {name: {**_stats.summarise(values), "seeds": [float(v) for v in values]}
                     for name, values in teacher_rows.items()},
         "results": results,
         "seconds": timer.seconds,
@@ -253,11 +254,11 @@ def reading(metrics: dict) -> list[str]:
     teacher, config = metrics["teacher"], metrics["config"]
     out = [
         f"The teacher never saw the transfer set: its mean max-probability there is "
-        f"{T.fmt(teacher['mean_max_probability_on_transfer_set'])} (accuracy "
-        f"{T.fmt(teacher['accuracy_on_transfer_set'])}) against "
-        f"{T.fmt(teacher['mean_max_probability_on_own_training_set'])} on its own training set; it gives less "
-        f"than 0.9 to its top class on {T.fmt(teacher['fraction_below_0.9_on_transfer_set'])} of the transfer "
-        f"images (on {T.fmt(teacher['fraction_below_0.9_on_own_training_set'])} of its training images)."]
+        f"{_stats.fmt(teacher['mean_max_probability_on_transfer_set'])} (accuracy "
+        f"{_stats.fmt(teacher['accuracy_on_transfer_set'])}) against "
+        f"{_stats.fmt(teacher['mean_max_probability_on_own_training_set'])} on its own training set; it gives less "
+        f"than 0.9 to its top class on {_stats.fmt(teacher['fraction_below_0.9_on_transfer_set'])} of the transfer "
+        f"images (on {_stats.fmt(teacher['fraction_below_0.9_on_own_training_set'])} of its training images)."]
     p_values, accuracy_tests, fidelity_tests = [], [], []
     for width in config["student_widths"]:
         (labels,) = _rows(metrics, width, "labels")
@@ -280,17 +281,17 @@ def reading(metrics: dict) -> list[str]:
                             "labels (CE)", "agreement_with_teacher", "agreement with the teacher"))
         lines = []
         for a, b, name_a, name_b, key, what in comparisons:
-            lines.append(T.compare(a[key + "_seeds"], b[key + "_seeds"], name_a, name_b, what))
-            p = T.welch_p(a[key + "_seeds"], b[key + "_seeds"])
+            lines.append(_stats.compare(a[key + "_seeds"], b[key + "_seeds"], name_a, name_b, what))
+            p = _stats.welch_p(a[key + "_seeds"], b[key + "_seeds"])
             p_values.append(p)
             if key == "student_accuracy" and b is labels:
-                accuracy_tests.append(p < T.SIGNIFICANCE)
+                accuracy_tests.append(p < _stats.SIGNIFICANCE)
             if key == "agreement_with_teacher":
-                fidelity_tests.append(p < T.SIGNIFICANCE and a[key] > b[key])
+                fidelity_tests.append(p < _stats.SIGNIFICANCE and a[key] > b[key])
         out.append(f"Student 64-{width}-10: " + " ".join(lines))
-    significant = sum(bool(p < T.SIGNIFICANCE) for p in p_values)
+    significant = sum(bool(p < _stats.SIGNIFICANCE) for p in p_values)
     out.append(f"{significant} of these {len(p_values)} comparisons are significant at p < 0.05 uncorrected, "
-               f"{sum(T.holm(p_values))} after Holm's correction for the {len(p_values)} (the best T is picked on "
+               f"{sum(_stats.holm(p_values))} after Holm's correction for the {len(p_values)} (the best T is picked on "
                "the test means, which favours the distilled students). Distillation (forward or mixed, "
                f"best T) changes the student's test accuracy significantly against training on the labels in "
                f"{sum(accuracy_tests)} of {len(accuracy_tests)} width x loss cases; the forward-KL student at the "
@@ -309,7 +310,8 @@ def report(metrics: dict, rel_dir: pathlib.Path) -> str:
     sizes = config["part_sizes"]
     return "\n\n".join([
         f"Teacher MLP 64-{'-'.join([str(config['teacher_width'])] * config['teacher_depth'])}-10 trained on "
-        f"{sizes[0]} images (test accuracy {T.fmt(teacher['accuracy'])}, ECE {T.fmt(teacher['ece'])}); students "
+        f"{sizes[0]} images (test accuracy {_stats.fmt(teacher['accuracy'])}, ECE "
+        f"{_stats.fmt(teacher['ece'])}); students "
         f"trained {config['steps']} full-batch Adam steps on a disjoint transfer set of {sizes[1]} images; "
         f"metrics on {sizes[2]} test images at T = 1; mixed loss alpha = {config['mixed_alpha']:g}; mean ± 95% "
         f"t-interval over {config['seeds']} seeds.",

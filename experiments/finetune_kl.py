@@ -60,8 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import _common
-from experiments import _transfer as T
+from experiments import _common, _data, _models, _stats, _train
 from kljax import discrete
 
 TITLE = "Fine-tuning without the old data: full KL, LwF, EWC, L2 (digits 0-4 -> 5-9)"
@@ -141,12 +140,12 @@ def diagonal_fisher(logits_fn, params, x: jax.Array):
 
 def _evaluate(params, base, static, data) -> dict[str, jax.Array]:
     x_old, y_old, x_new, y_new = data
-    logits_old, logits_new = T.logits_of(params, static, x_old), T.logits_of(params, static, x_new)
-    base_old = T.logits_of(base, static, x_old)
+    logits_old, logits_new = _models.apply(params, static, x_old), _models.apply(params, static, x_new)
+    base_old = _models.apply(base, static, x_old)
     return {
-        "old_task_accuracy": T.accuracy(logits_old, y_old),
-        "new_task_accuracy": T.accuracy(logits_new, y_new),
-        "old_task_accuracy_within_old_classes": T.accuracy(logits_old[:, :NUM_OLD], y_old),
+        "old_task_accuracy": _train.accuracy(logits_old, y_old),
+        "new_task_accuracy": _train.accuracy(logits_new, y_new),
+        "old_task_accuracy_within_old_classes": _train.accuracy(logits_old[:, :NUM_OLD], y_old),
         "old_images_labelled_new": jnp.mean(jnp.argmax(logits_old, axis=-1) >= NUM_OLD),
         "kl_to_base_on_old_inputs": jnp.mean(discrete.kl_logits(base_old, logits_old)),
         # LwF's quantity at T = 1 on the old images: the old classes' distribution, renormalised
@@ -159,7 +158,7 @@ def _split(config: Config):
     """Per seed: old/new training and test parts, stacked over seeds (shapes do not depend on the seed)."""
     parts = {key: [] for key in ("x_old", "y_old", "x_new", "y_new", "tx_old", "ty_old", "tx_new", "ty_new")}
     for s in range(config.seeds):
-        (x, y), (tx, ty) = T.digits_parts(config.seed + s, (0.7, 0.3))
+        (x, y), (tx, ty) = _data.digits_parts(config.seed + s, (0.7, 0.3))
         for prefix, xs, ys in (("", x, y), ("t", tx, ty)):
             old = ys < NUM_OLD
             parts[prefix + "x_old"].append(xs[old]), parts[prefix + "y_old"].append(ys[old])
@@ -171,7 +170,7 @@ def _split(config: Config):
 def _study(init, joint_init, static, data, coefficients, config: Config):
     """Base and joint models, the base's Fisher and every fine-tuning run, for one seed."""
     def logits(p, x):
-        return T.logits_of(p, static, x)
+        return _models.apply(p, static, x)
 
     # the base (old images only) and the joint reference (all images) as one vmapped fit of a weighted
     # cross-entropy: one compiled training loop instead of two
@@ -182,10 +181,12 @@ def _study(init, joint_init, static, data, coefficients, config: Config):
     weights = weights / jnp.sum(weights, axis=1, keepdims=True)
 
     def weighted_fit(p, w):
-        return T.fit(p, lambda q: jnp.sum(w * optax.softmax_cross_entropy_with_integer_labels(logits(q, x_all), y_all)),
-                     steps=config.base_steps, learning_rate=3 * config.learning_rate)
+        def loss(q):
+            return jnp.sum(w * optax.softmax_cross_entropy_with_integer_labels(logits(q, x_all), y_all))
 
-    base, joint = T.unstack(jax.vmap(weighted_fit)(T.stack([init, joint_init]), weights))
+        return _train.fit(p, loss, steps=config.base_steps, learning_rate=3 * config.learning_rate)
+
+    base, joint = _train.unstack(jax.vmap(weighted_fit)(_train.stack([init, joint_init]), weights))
     fisher = diagonal_fisher(logits, base, data["x_old"] if config.fisher_inputs == "old" else data["x_new"])
     x_new, y_new = data["x_new"], data["y_new"]
     base_new = logits(base, x_new)
@@ -200,17 +201,17 @@ def _study(init, joint_init, static, data, coefficients, config: Config):
             delta = jax.tree.map(jnp.subtract, p, base)
             ewc = 0.5 * sum(jnp.sum(f * d**2) for f, d in zip(jax.tree.leaves(fisher), jax.tree.leaves(delta)))
             l2 = 0.5 * sum(jnp.sum(d**2) for d in jax.tree.leaves(delta))
-            return T.cross_entropy(z, y_new) + c[0] * full + c[1] * lwf + c[2] * ewc + c[3] * l2
+            return _train.cross_entropy(z, y_new) + c[0] * full + c[1] * lwf + c[2] * ewc + c[3] * l2
 
-        return T.fit(base, loss, steps=config.steps, learning_rate=config.learning_rate)
+        return _train.fit(base, loss, steps=config.steps, learning_rate=config.learning_rate)
 
     # every model is evaluated by one vmapped call (one compiled evaluation, not three)
     models = jax.tree.map(lambda b, j, r: jnp.concatenate([b[None], j[None], r]), base, joint,
                           jax.vmap(finetune)(coefficients))
     scores = jax.vmap(lambda p: _evaluate(p, base, static, test))(models)
     output_fisher = fisher.layers[-1].weight  # (10, hidden): how much EWC restrains each class's output weights
-    return {"base": T.index_tree(scores, 0), "joint": T.index_tree(scores, 1),
-            "runs": T.index_tree(scores, slice(2, None)),
+    return {"base": _train.index_tree(scores, 0), "joint": _train.index_tree(scores, 1),
+            "runs": _train.index_tree(scores, slice(2, None)),
             "fisher": {"output_weights_old_classes": jnp.mean(output_fisher[:NUM_OLD]),
                        "output_weights_new_classes": jnp.mean(output_fisher[NUM_OLD:])},
             "base_new_class_mass_on_new_inputs": jnp.mean(
@@ -228,8 +229,8 @@ def run(config: Config) -> dict:
             coefficients[i, METHODS.index(method)] = beta
     data = _split(config)
     seeds = [config.seed + s for s in range(config.seeds)]
-    init, static = T.init_mlps(seeds, 0, config.hidden, 1)
-    joint_init, _ = T.init_mlps(seeds, 1, config.hidden, 1)
+    init, static = _models.init_mlps(seeds, 0, config.hidden, 1)
+    joint_init, _ = _models.init_mlps(seeds, 1, config.hidden, 1)
     with _common.Timer() as timer:
         per_seed = jax.vmap(lambda i, j, d: _study(i, j, static, d, jnp.asarray(coefficients), config))(
             init, joint_init, data)
@@ -238,7 +239,7 @@ def run(config: Config) -> dict:
     def summary(values) -> dict:
         row = {}
         for name in METRICS:
-            stats = T.summarise(values[name])
+            stats = _stats.summarise(values[name])
             row[name], row[name + "_ci95"], row[name + "_std"] = stats["mean"], stats["ci95"], stats["std"]
             row[name + "_seeds"] = [float(v) for v in values[name]]
         return row
@@ -251,8 +252,8 @@ def run(config: Config) -> dict:
         "base": summary(per_seed["base"]),
         "joint_training": summary(per_seed["joint"]),
         "sweep": sweep,
-        "fisher": {name: T.summarise(values) for name, values in per_seed["fisher"].items()},
-        "base_new_class_mass_on_new_inputs": T.summarise(per_seed["base_new_class_mass_on_new_inputs"]),
+        "fisher": {name: _stats.summarise(values) for name, values in per_seed["fisher"].items()},
+        "base_new_class_mass_on_new_inputs": _stats.summarise(per_seed["base_new_class_mass_on_new_inputs"]),
         "seconds": timer.seconds,
     }
 
@@ -331,8 +332,8 @@ def reading(metrics: dict) -> list[str]:
            f"{lost_to_new_classes:.3f}."))
     strongest = by_method["kl_full"][-1] if by_method["kl_full"] else None
     if strongest is not None:
-        conflict = (T.welch_p(strongest["new_task_accuracy_seeds"], none["new_task_accuracy_seeds"]) < T.SIGNIFICANCE
-                    and strongest["new_task_accuracy"] < none["new_task_accuracy"])
+        p = _stats.welch_p(strongest["new_task_accuracy_seeds"], none["new_task_accuracy_seeds"])
+        conflict = p < _stats.SIGNIFICANCE and strongest["new_task_accuracy"] < none["new_task_accuracy"]
         out.append(
             f"The full 10-way KL on the new images at beta = {strongest['beta']:g}: new-task accuracy "
             f"{ci(strongest, 'new_task_accuracy')} (old {ci(strongest, 'old_task_accuracy')}); "
@@ -350,9 +351,10 @@ def reading(metrics: dict) -> list[str]:
             f"{LABELS[method]}, best balance at beta = {row['beta']:g} (chosen on the test means, optimistic "
             f"alike for every method): old {ci(row, 'old_task_accuracy')}, new {ci(row, 'new_task_accuracy')}, "
             f"old images labelled new {ci(row, 'old_images_labelled_new')}. "
-            + T.compare(_balance(row), _balance(none), LABELS[method], "no penalty", "mean of old and new accuracy")
-            + " " + T.compare(row["old_task_accuracy_seeds"], none["old_task_accuracy_seeds"], LABELS[method],
-                              "no penalty", "old-task accuracy"))
+            + _stats.compare(_balance(row), _balance(none), LABELS[method], "no penalty",
+                             "mean of old and new accuracy")
+            + " " + _stats.compare(row["old_task_accuracy_seeds"], none["old_task_accuracy_seeds"], LABELS[method],
+                                   "no penalty", "old-task accuracy"))
     fisher = metrics["fisher"]
     ratio = fisher["output_weights_new_classes"]["mean"] / fisher["output_weights_old_classes"]["mean"]
     out.append(
@@ -362,7 +364,7 @@ def reading(metrics: dict) -> list[str]:
     for method in ("lwf", "ewc"):
         if method in chosen:
             row = chosen[method]
-            out.append("Task-incremental score (argmax over 0-4): " + T.compare(
+            out.append("Task-incremental score (argmax over 0-4): " + _stats.compare(
                 row["old_task_accuracy_within_old_classes_seeds"], none["old_task_accuracy_within_old_classes_seeds"],
                 LABELS[method], "no penalty", "old-task accuracy within the old classes"))
     if chosen:
@@ -373,7 +375,8 @@ def reading(metrics: dict) -> list[str]:
             f"reaches a mean accuracy of {np.mean(_balance(best)):.3f}; joint training with the old data reaches "
             f"{np.mean(joint_balance):.3f} (old {ci(joint, 'old_task_accuracy')}, "
             f"new {ci(joint, 'new_task_accuracy')}). "
-            + T.compare(_balance(best), joint_balance, "that run", "joint training", "mean of old and new accuracy"))
+            + _stats.compare(_balance(best), joint_balance, "that run", "joint training",
+                             "mean of old and new accuracy"))
     return [line[:1].upper() + line[1:] for line in out]
 
 

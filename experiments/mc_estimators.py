@@ -21,14 +21,16 @@ they are still unbiased, but their spread over seeds does not settle.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.stats
 
-from experiments import _common
+from experiments import _common, _stats
 from kljax import analytic, distributions, mc
 
 TITLE = "Monte Carlo KL estimators k1, k2, k3: bias, spread and RMSE"
@@ -37,11 +39,24 @@ ORDER = 10
 FORWARD = ("k1", "k2", "k3")
 REVERSE = "reverse_k3"
 ESTIMATORS = FORWARD + (REVERSE,)
-FULL = {"mus": (0.1, 0.5, 1.0, 2.0), "sigmas": (0.7, 1.0, 1.5), "max_n": 10_000, "seeds": 1000}
-QUICK = {"mus": (0.1, 0.5, 1.0, 2.0), "sigmas": (0.7, 1.0, 1.5), "max_n": 1000, "seeds": 400}
 REFERENCE_N = 100  # the sample size of the distance figure and the report's relative errors
 DTYPE = jnp.float32
 SEED_CHUNK = 100  # seeds per vmapped chunk inside the jitted call: bounds memory at max_n = 1e4
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Settings of the study (``quick()``: the CI scale)."""
+
+    mus: tuple[float, ...] = (0.1, 0.5, 1.0, 2.0)
+    sigmas: tuple[float, ...] = (0.7, 1.0, 1.5)
+    max_n: int = 10_000
+    seeds: int = 1000
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> "Config":
+        return cls(max_n=1000, seeds=400)
 
 
 def sample_sizes(max_n: int) -> list[int]:
@@ -111,30 +126,21 @@ def summarize(estimates: np.ndarray, truth: float) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = _common.parser("mc_estimators", __doc__.splitlines()[0])
-    parser.add_argument("--mus", type=_common.float_list, default=None, help="means of Q (comma-separated)")
-    parser.add_argument("--sigmas", type=_common.float_list, default=None, help="scales of Q (comma-separated)")
-    parser.add_argument("--max-n", type=int, default=None, help="largest sample size (default 10000; quick 1000)")
-    parser.add_argument("--seeds", type=int, default=None, help="sample sets per pair (default 1000; quick 400)")
-    args = parser.parse_args(argv)
-    scale = QUICK if args.quick else FULL
-    mus = tuple(args.mus or scale["mus"])
-    sigmas = tuple(args.sigmas or scale["sigmas"])
-    max_n = args.max_n or scale["max_n"]
-    num_seeds = args.seeds or scale["seeds"]
-    if num_seeds < 2 or max_n < 1 or min(sigmas) <= 0:
-        parser.error("need --seeds >= 2, --max-n >= 1 and positive --sigmas")
-    sizes = tuple(sample_sizes(max_n))
-
+def run(config: Config, *, show_progress: bool = False) -> dict:
+    """Runs the study; returns the metrics (per pair, estimator and sample size: bias, spread, RMSE)."""
+    if config.seeds < 2 or config.max_n < 1 or min(config.sigmas) <= 0:
+        raise ValueError(f"need seeds >= 2, max_n >= 1 and positive sigmas, got seeds={config.seeds}, "
+                         f"max_n={config.max_n}, sigmas={config.sigmas}")
+    sizes = tuple(sample_sizes(config.max_n))
+    num_seeds = config.seeds
     estimate = jax.jit(lambda key, mu, sigma: _estimates_for_pair(key, mu, sigma, sizes=sizes,
                                                                    num_seeds=num_seeds))
-    pairs = [(mu, sigma) for sigma in sigmas for mu in mus]
-    base_key = jax.random.key(args.seed)
+    pairs = [(mu, sigma) for sigma in config.sigmas for mu in config.mus]
+    base_key = jax.random.key(config.seed)
     results = []
     with _common.Timer() as timer:
         for index, (mu, sigma) in enumerate(_common.progress(pairs, desc="mc_estimators",
-                                                             disable=args.no_progress)):
+                                                             disable=not show_progress)):
             forward, reverse = exact_divergences(mu, sigma)
             values = np.asarray(estimate(jax.random.fold_in(base_key, index), jnp.asarray(mu, DTYPE),
                                          jnp.asarray(sigma, DTYPE)))
@@ -158,15 +164,21 @@ def main(argv: list[str] | None = None) -> dict:
                           "truth": pair["reverse_kl"] if name == REVERSE else pair["kl"], "n": last["n"],
                           "bias": last["bias"], "bias_stderr": last["bias_stderr"], "std": last["std"],
                           "rmse": last["rmse"], "relative_rmse": last["relative_rmse"]})
-    metrics = {
-        "config": {"mus": list(mus), "sigmas": list(sigmas), "sizes": list(sizes), "num_seeds": num_seeds,
-                   "seed": args.seed, "quick": args.quick, "dtype": jnp.dtype(DTYPE).name,
-                   "estimators": list(ESTIMATORS), "reference_n": min(REFERENCE_N, max_n),
+    return {
+        "config": {"mus": list(config.mus), "sigmas": list(config.sigmas), "sizes": list(sizes),
+                   "num_seeds": num_seeds, "seed": config.seed, "dtype": jnp.dtype(DTYPE).name,
+                   "estimators": list(ESTIMATORS), "reference_n": min(REFERENCE_N, config.max_n),
                    "jax": jax.__version__, "backend": jax.default_backend()},
         "pairs": results,
         "table": table,
         "seconds": timer.seconds,
     }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    config, args = _common.parse_config(Config, "mc_estimators", __doc__.splitlines()[0], argv)
+    metrics = run(config, show_progress=not args.no_progress)
+    metrics["config"]["quick"] = bool(args.quick)
     _common.save_metrics(args.out, metrics)
     _figures(metrics, args.out)
     return metrics
@@ -239,6 +251,55 @@ def _figures(metrics: dict, out_dir: pathlib.Path) -> None:
     _common.save_figure(fig, out_dir, "error_vs_distance")
 
 
+def reading(metrics: dict) -> list[str]:
+    """The conclusions, each computed from the measured cells (z-tests of the biases, Bonferroni over pairs)."""
+    cfg = metrics["config"]
+    max_n, sizes = cfg["sizes"][-1], cfg["sizes"]
+    index = sizes.index(min(sizes, key=lambda s: abs(s - cfg["reference_n"])))
+    finite = [p for p in metrics["pairs"] if p["finite_variance"]]
+    # a two-sided z-test of zero bias per pair, Bonferroni-corrected over the finite-variance pairs
+    critical = float(scipy.stats.norm.ppf(1 - _stats.SIGNIFICANCE / (2 * max(len(finite), 1))))
+
+    def z_score(pair, name, target=0.0, at=-1):
+        cell = pair["estimators"][name][at]
+        return abs(cell["bias"] - target) / cell["bias_stderr"] if cell["bias_stderr"] > 0 else float("inf")
+
+    out = []
+    for name in ("k1", "k3"):
+        worst = max(finite, key=lambda p: z_score(p, name), default=None)
+        if worst is None:
+            continue
+        z = z_score(worst, name)
+        out.append(
+            f"Unbiasedness of {name} at n = {max_n}: the largest |bias| / standard error over the "
+            f"{len(finite)} finite-variance pairs is {z:.2f} (mu={worst['mu']:g}, sigma={worst['sigma']:g}); "
+            + (f"below {critical:.2f}, the 5% two-sided threshold with Bonferroni's correction: no significant bias."
+               if z < critical else
+               f"above {critical:.2f}, the 5% two-sided threshold with Bonferroni's correction: a significant bias."))
+    worst = max(metrics["pairs"], key=lambda p: abs(p["estimators"]["k2"][-1]["bias"]))
+    predicted = worst["k2_expectation"] - worst["kl"]
+    at_max, at_reference = worst["estimators"]["k2"][-1], worst["estimators"]["k2"][index]
+    z_max = z_score(worst, "k2", predicted)
+    out.append(
+        f"k2's bias is its exact expectation E_P[(log P/Q)^2]/2 minus the KL, largest at mu={worst['mu']:g}, "
+        f"sigma={worst['sigma']:g}: measured {at_max['bias']:+.4g} +- {at_max['bias_stderr']:.2g} at n = {max_n} "
+        f"({at_reference['bias']:+.4g} at n = {sizes[index]}) vs predicted {predicted:+.4g}, "
+        + (f"{z_max:.2f} standard errors apart (not significant): the bias does not shrink with n."
+           if z_max < critical else f"{z_max:.2f} standard errors apart: the measurement departs from the prediction."))
+    ratios = [(p["estimators"]["k3"][index]["rmse"] / p["estimators"]["k1"][index]["rmse"], p) for p in finite]
+    if ratios:
+        best, worst_ratio = min(ratios, key=lambda rp: rp[0]), max(ratios, key=lambda rp: rp[0])
+        closest_helps = best[1]["kl"] < worst_ratio[1]["kl"]
+        out.append(
+            f"k3 against k1 (RMSE ratio at n = {sizes[index]}): {best[0]:.2g} at mu={best[1]['mu']:g}, "
+            f"sigma={best[1]['sigma']:g} (KL {best[1]['kl']:.3g}) up to {worst_ratio[0]:.2g} at "
+            f"mu={worst_ratio[1]['mu']:g}, sigma={worst_ratio[1]['sigma']:g} (KL {worst_ratio[1]['kl']:.3g}): "
+            + ("the control variate helps most when P and Q are close." if closest_helps else
+               "the largest gain is not at the closest pair here."))
+    out.append(f"Total run time {metrics['seconds']:.1f} s.")
+    return out
+
+
 def report(metrics: dict, rel_dir: pathlib.Path) -> str:
     cfg = metrics["config"]
     max_n = cfg["sizes"][-1]
@@ -262,25 +323,10 @@ def report(metrics: dict, rel_dir: pathlib.Path) -> str:
                     + [" / ".join(f"{v:.2g}" for v in relative)])
     parts.append(_common.markdown_table(header, rows))
 
-    finite = [p for p in metrics["pairs"] if p["finite_variance"]]
-    z_scores = {name: max((abs(p["estimators"][name][-1]["bias"]) / p["estimators"][name][-1]["bias_stderr"]
-                           for p in finite), default=float("nan")) for name in ("k1", "k3")}
-    worst = max(metrics["pairs"], key=lambda p: abs(p["estimators"]["k2"][-1]["bias"]))
-    ratios = [(p["estimators"]["k3"][index]["rmse"] / p["estimators"]["k1"][index]["rmse"], p) for p in finite]
-    best, worst_ratio = min(ratios, key=lambda rp: rp[0]), max(ratios, key=lambda rp: rp[0])
     parts.append(
         "Rows marked * have sigma^2 >= 2, where E_P[r^2] = inf: k3 and the reverse estimator are unbiased "
         "but have infinite variance there, so their spread and standard errors are not reliable.\n\n"
-        f"- Unbiasedness: at n = {max_n}, over the finite-variance pairs, the largest |bias| / standard error "
-        f"is {z_scores['k1']:.2f} for k1 and {z_scores['k3']:.2f} for k3.\n"
-        f"- k2's bias is its exact expectation E_P[(log P/Q)^2]/2 minus the KL: largest at "
-        f"mu={worst['mu']:g}, sigma={worst['sigma']:g}, measured {worst['estimators']['k2'][-1]['bias']:+.4g} "
-        f"vs predicted {worst['k2_expectation'] - worst['kl']:+.4g}; it does not shrink with n.\n"
-        f"- k3 against k1 (RMSE ratio at n = {cfg['sizes'][index]}): {best[0]:.2g} at mu={best[1]['mu']:g}, "
-        f"sigma={best[1]['sigma']:g} (close P, Q) up to {worst_ratio[0]:.2g} at mu={worst_ratio[1]['mu']:g}, "
-        f"sigma={worst_ratio[1]['sigma']:g}: the control variate helps most when P and Q are close.\n"
-        f"- Total run time {metrics['seconds']:.1f} s."
-    )
+        "**Reading** (computed from the numbers above):\n\n" + "\n".join(f"- {line}" for line in reading(metrics)))
     parts.append(f"![bias, std and RMSE against n]({rel_dir}/error_vs_n.png)")
     parts.append(f"![relative error against the true divergence]({rel_dir}/error_vs_distance.png)")
     return "\n\n".join(parts)

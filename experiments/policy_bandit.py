@@ -31,13 +31,14 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy import optimize
 
-from experiments._common import (Timer, float_list, markdown_table, parser, run_main, save_figure,
-                                 save_metrics)
+from experiments import _common, _stats
 from kljax import policy
 
 TITLE = "KL placements on a bandit: which regularised objective does each one optimise?"
@@ -178,85 +179,130 @@ def make_trainer(*, rewards, ref_probs, beta, batch_size, learning_rate, decay, 
     return jax.jit(jax.vmap(run_one))
 
 
-def main(argv=None) -> dict:
-    p = parser("policy_bandit", __doc__.splitlines()[0])
-    p.add_argument("--rewards", type=float_list, default=[1.0, 0.5, 0.0], help="reward of each arm")
-    p.add_argument("--ref-probs", type=float_list, default=[0.2, 0.3, 0.5], help="pi_ref over the arms")
-    p.add_argument("--beta", type=float, default=0.5, help="KL coefficient")
-    p.add_argument("--num-seeds", type=int, default=None, help="seeds (default 64 quick, 128 full)")
-    p.add_argument("--num-steps", type=int, default=None, help="SGD steps (default 2000 quick, 10000 full)")
-    p.add_argument("--batch-size", type=int, default=64, help="sampled actions per step")
-    p.add_argument("--learning-rate", type=float, default=2.0, help="initial step size on the logits")
-    p.add_argument("--decay", type=float, default=200.0, help="step size lr / (1 + t / decay)")
-    p.add_argument("--num-records", type=int, default=120, help="trajectory points kept (log-spaced)")
-    args = p.parse_args(argv)
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Settings of the study (``quick()``: the CI scale)."""
 
-    rewards = np.asarray(args.rewards, float)
-    ref_probs = np.asarray(args.ref_probs, float)
-    if rewards.shape != ref_probs.shape or rewards.size < 2:
-        p.error(f"--rewards and --ref-probs need the same length >= 2, got {rewards.size} and {ref_probs.size}")
-    if np.any(ref_probs <= 0) or not np.isclose(ref_probs.sum(), 1.0):
-        p.error(f"--ref-probs must be positive and sum to 1, got {ref_probs.tolist()}")
-    if args.beta <= 0:
-        p.error("--beta must be > 0")
-    num_seeds = args.num_seeds or (64 if args.quick else 128)
-    num_steps = args.num_steps or (2000 if args.quick else 10000)
-    steps_axis = record_steps(num_steps, args.num_records)
+    rewards: tuple[float, ...] = (1.0, 0.5, 0.0)  # reward of each arm
+    ref_probs: tuple[float, ...] = (0.2, 0.3, 0.5)  # pi_ref over the arms
+    beta: float = 0.5  # KL coefficient
+    num_seeds: int = 128
+    num_steps: int = 10000  # SGD steps
+    batch_size: int = 64  # sampled actions per step
+    learning_rate: float = 2.0  # initial step size on the logits
+    decay: float = 200.0  # step size lr / (1 + t / decay)
+    num_records: int = 120  # trajectory points kept (log-spaced)
+    seed: int = 0
 
-    optimum = regularised_optimum(rewards, ref_probs, args.beta)
+    @classmethod
+    def quick(cls) -> "Config":
+        return cls(num_seeds=64, num_steps=2000)
+
+    def validate(self) -> None:
+        rewards, ref_probs = np.asarray(self.rewards, float), np.asarray(self.ref_probs, float)
+        if rewards.shape != ref_probs.shape or rewards.size < 2:
+            raise ValueError(f"rewards and ref_probs need the same length >= 2, got {rewards.size} and "
+                             f"{ref_probs.size}")
+        if np.any(ref_probs <= 0) or not np.isclose(ref_probs.sum(), 1.0):
+            raise ValueError(f"ref_probs must be positive and sum to 1, got {ref_probs.tolist()}")
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if self.num_seeds < 2:
+            raise ValueError(f"num_seeds must be >= 2 (intervals over seeds), got {self.num_seeds}")
+
+
+TOLERANCE = 1e-4  # float32 logits: probabilities this close count as equal
+
+
+def equality_test(final_probs, target) -> float:
+    """Family p-value that the seeds' mean final policy equals ``target``: per-arm one-sample t-tests,
+    Holm-adjusted over the arms, the smallest adjusted p (1 when every arm's mean is within TOLERANCE)."""
+    final_probs, target = np.asarray(final_probs, float), np.asarray(target, float)
+    if np.max(np.abs(final_probs.mean(axis=0) - target)) <= TOLERANCE:
+        return 1.0
+    return float(np.min(_stats.holm_adjusted([_stats.one_sample_p(final_probs[:, a], target[a])
+                                              for a in range(target.size)])))
+
+
+def run(config: Config) -> tuple[dict, dict]:
+    """Runs the study; returns ``(metrics, trajectories)``, the latter the per-seed arm probabilities
+    (seeds, records, K) of each placement at ``metrics["steps"]``."""
+    config.validate()
+    rewards = np.asarray(config.rewards, float)
+    ref_probs = np.asarray(config.ref_probs, float)
+    beta, num_steps = config.beta, config.num_steps
+    steps_axis = record_steps(num_steps, config.num_records)
+
+    optimum = regularised_optimum(rewards, ref_probs, beta)
     fixed_points = {
         "optimum": optimum,
         "reward-greedy vertex": greedy_vertex(rewards, ref_probs),
-        "argmax E[r] - beta KL(pi_ref || pi)": forward_kl_optimum(rewards, ref_probs, args.beta),
+        "argmax E[r] - beta KL(pi_ref || pi)": forward_kl_optimum(rewards, ref_probs, beta),
     }
-    optimum_objective, optimum_kl = objective(optimum, rewards, ref_probs, args.beta)
+    optimum_objective, optimum_kl = objective(optimum, rewards, ref_probs, beta)
 
-    keys = jax.random.split(jax.random.PRNGKey(args.seed), num_seeds)
+    keys = jax.random.split(jax.random.PRNGKey(config.seed), config.num_seeds)
     placements, trajectories = {}, {}
-    trainer = make_trainer(rewards=rewards, ref_probs=ref_probs, beta=args.beta, batch_size=args.batch_size,
-                           learning_rate=args.learning_rate, decay=args.decay, recorded_steps=steps_axis)
-    with Timer() as total:
+    trainer = make_trainer(rewards=rewards, ref_probs=ref_probs, beta=beta, batch_size=config.batch_size,
+                           learning_rate=config.learning_rate, decay=config.decay, recorded_steps=steps_axis)
+    with _common.Timer() as total:
         all_logits = np.asarray(trainer(keys))  # (seeds, placements, records, K)
+        window_start = int(np.searchsorted(steps_axis, 0.8 * num_steps))
         for i, name in enumerate(PLACEMENTS):
             logits = all_logits[:, i]
             probs = np.asarray(jax.nn.softmax(logits, axis=-1))
             trajectories[name] = probs
             mean_path = probs.mean(axis=0)
             final = mean_path[-1]
-            window_start = int(np.searchsorted(steps_axis, 0.8 * num_steps))
             fixed_point = fixed_points[FIXED_POINT_NAME[name]]
-            obj, kl = objective(final, rewards, ref_probs, args.beta)
+            obj, kl = objective(final, rewards, ref_probs, beta)
+            centred = np.abs(logits - logits.mean(-1, keepdims=True)).max(-1)  # (seeds, records)
             placements[name] = {
                 "expected_gradient": EXPECTED_GRADIENT[name],
                 "fixed_point_name": FIXED_POINT_NAME[name],
                 "fixed_point": fixed_point,
                 "final_probs": final,
                 "final_probs_seed_std": probs[:, -1].std(axis=0),
+                "final_probs_ci95": [_stats.interval(probs[:, -1, a])[1] for a in range(rewards.size)],
                 "distance_to_optimum": total_variation(final, optimum),
                 "distance_to_fixed_point": total_variation(final, fixed_point),
+                "p_equals_optimum": equality_test(probs[:, -1], optimum),
+                "p_equals_fixed_point": equality_test(probs[:, -1], fixed_point),
                 "last_window_change": total_variation(final, mean_path[window_start]),
                 "objective": obj,
                 "objective_gap": optimum_objective - obj,
                 "kl": kl,
                 "expected_reward": float(final @ rewards),
-                "max_abs_logit": float(np.abs(logits[:, -1] - logits[:, -1].mean(-1, keepdims=True)).max()),
+                "max_abs_logit": float(centred[:, -1].max()),
+                "max_abs_logit_window_start": float(centred[:, window_start].max()),
+                "p_logits_grow": _stats.one_sided_paired_p(centred[:, -1], centred[:, window_start]),
             }
 
     metrics = {
-        "config": {"rewards": rewards, "ref_probs": ref_probs, "beta": args.beta, "quick": args.quick,
-                   "num_seeds": num_seeds, "num_steps": num_steps, "batch_size": args.batch_size,
-                   "learning_rate": args.learning_rate, "decay": args.decay, "seed": args.seed,
+        "config": {**dataclasses.asdict(config), "rewards": rewards, "ref_probs": ref_probs,
                    "distance": "total variation", "last_window": "last 20% of steps"},
         "optimum": optimum,
         "optimum_objective": optimum_objective,
         "optimum_kl": optimum_kl,
         "fixed_points": fixed_points,
         "placements": placements,
+        "steps": steps_axis,
         "seconds": total.seconds,
     }
-    save_metrics(args.out, metrics)
-    _plot_trajectories(args.out, steps_axis, trajectories, metrics)
-    if rewards.size == 3:
+    return metrics, trajectories
+
+
+def main(argv=None) -> dict:
+    config, args = _common.parse_config(Config, "policy_bandit", __doc__.splitlines()[0], argv)
+    try:
+        config.validate()
+    except ValueError as err:  # a bad flag: the command line's usual exit
+        raise SystemExit(f"policy_bandit: error: {err}") from err
+    metrics, trajectories = run(config)
+    metrics["config"]["quick"] = bool(args.quick)
+    _common.save_metrics(args.out, metrics)
+    _plot_trajectories(args.out, metrics["steps"], trajectories, metrics)
+    if len(config.rewards) == 3:
         _plot_simplex(args.out, trajectories, metrics)
     return metrics
 
@@ -292,7 +338,7 @@ def _plot_trajectories(out_dir, steps, trajectories, metrics):
     fig.suptitle("Arm probabilities (mean over seeds, 10-90% band); dashed: optimum pi* ∝ pi_ref exp(r/beta); "
                  "dotted: the placement's own fixed point", fontsize=10)
     fig.tight_layout()
-    save_figure(fig, out_dir, "arm_probabilities")
+    _common.save_figure(fig, out_dir, "arm_probabilities")
 
 
 def _plot_simplex(out_dir, trajectories, metrics):
@@ -322,7 +368,54 @@ def _plot_simplex(out_dir, trajectories, metrics):
     ax.axis("off")
     ax.legend(loc="upper right", fontsize=8)
     ax.set_title("Mean trajectories on the simplex", fontsize=10)
-    save_figure(fig, out_dir, "simplex")
+    _common.save_figure(fig, out_dir, "simplex")
+
+
+def _at(m, point: str) -> str:
+    p = m["p_equals_optimum" if point == "optimum" else "p_equals_fixed_point"]
+    distance = m["distance_to_optimum" if point == "optimum" else "distance_to_fixed_point"]
+    verdict = "not significantly different" if p >= _stats.SIGNIFICANCE else "significantly different"
+    return f"TV {distance:.4f}, {verdict} (p = {p:.2g})"
+
+
+def reading(metrics: dict) -> list[str]:
+    """The conclusions, each computed from the per-seed final policies."""
+    pl = metrics["placements"]
+    equal = {name: m["p_equals_optimum"] >= _stats.SIGNIFICANCE for name, m in pl.items()}
+    out = []
+    unbiased = ("k1_reward", "k2_loss", "k3_loss_is", "exact_kl")
+    at_optimum = [name for name in unbiased if equal[name]]
+    away = [name for name in unbiased if not equal[name]]
+    out.append(
+        "Placements whose expected gradient is grad KL(pi || pi_ref): "
+        + "; ".join(f"{name} {_at(pl[name], 'optimum')} from pi*" for name in unbiased) + ". "
+        + (f"{', '.join(at_optimum)} {'ends' if len(at_optimum) == 1 else 'end'} at the regularised optimum"
+           if at_optimum else "none ends at pi*")
+        + (f"; {', '.join(away)} {'does' if len(away) == 1 else 'do'} not reach it in "
+           f"{metrics['config']['num_steps']} steps." if away else "."))
+    spread = max(pl["k1_reward"]["final_probs_seed_std"])
+    out.append(
+        f"With KL in the reward the seeds' final policies have a spread (largest per-arm std) of {spread:.1e}"
+        + (": every seed lands on pi*, because r - beta k1 is the same for every arm at pi*, so the baselined "
+           "gradient has no noise there." if spread < TOLERANCE and equal["k1_reward"] else
+           f", against {max(pl['k2_loss']['final_probs_seed_std']):.1e} for k2 as a loss."))
+    k3 = pl["k3_loss"]
+    out.append(
+        f"k3 differentiated as a loss: {_at(k3, 'fixed point')} from the maximiser of E[r] - beta KL(pi_ref || pi), "
+        f"{_at(k3, 'optimum')} from pi*"
+        + (f": it ends {k3['distance_to_optimum'] / max(k3['distance_to_fixed_point'], 1e-12):.3g} times nearer the "
+           "wrong objective's maximiser than pi*." if k3["p_equals_optimum"] < _stats.SIGNIFICANCE
+           and k3["distance_to_fixed_point"] < k3["distance_to_optimum"] else "."))
+    k1 = pl["k1_loss"]
+    growing = k1["p_logits_grow"] < _stats.SIGNIFICANCE
+    out.append(
+        f"k1 as a loss has zero expected gradient: the policy heads for the reward-greedy vertex "
+        f"({_at(k1, 'fixed point')} from it; last-20% change {k1['last_window_change']:.4f}); its largest centred "
+        f"|logit| goes from {k1['max_abs_logit_window_start']:.3f} at 80% of the steps to {k1['max_abs_logit']:.3f} "
+        "at the end, "
+        + (f"a significant rise over the seeds (paired one-sided p = {k1['p_logits_grow']:.2g}): the logits do not "
+           "converge." if growing else f"no significant rise (paired one-sided p = {k1['p_logits_grow']:.2g})."))
+    return out
 
 
 def report(metrics: dict, rel_dir) -> str:
@@ -333,13 +426,14 @@ def report(metrics: dict, rel_dir) -> str:
 
     rows = []
     for name, m in metrics["placements"].items():
-        rows.append([name, m["expected_gradient"], m["fixed_point_name"], fmt(m["final_probs"]),
-                     m["distance_to_optimum"], m["distance_to_fixed_point"], m["objective_gap"],
+        rows.append([name, m["expected_gradient"], m["fixed_point_name"],
+                     fmt(m["final_probs"]) + f" ± {max(m['final_probs_ci95']):.1g}", m["distance_to_optimum"],
+                     m["distance_to_fixed_point"], m["objective_gap"],
                      m["last_window_change"]])
-    table = markdown_table(["placement", "E[gradient of KL term]", "fixed point", "final pi (mean of seeds)",
-                            "TV to optimum", "TV to fixed point", "objective gap", "last-20% change"],
-                           rows, float_format="{:.4f}")
-    pl = metrics["placements"]
+    table = _common.markdown_table(["placement", "E[gradient of KL term]", "fixed point",
+                                    "final pi (mean of seeds ± largest 95% half-width)", "TV to optimum",
+                                    "TV to fixed point", "objective gap", "last-20% change"],
+                                   rows, float_format="{:.4f}")
     simplex = f"\n\n![simplex]({rel_dir}/simplex.png)" if len(metrics["optimum"]) == 3 else ""
     return (
         f"Rewards {fmt(cfg['rewards'])}, pi_ref {fmt(cfg['ref_probs'])}, beta = {cfg['beta']}; "
@@ -349,23 +443,12 @@ def report(metrics: dict, rel_dir) -> str:
         f"KL {metrics['optimum_kl']:.4f}); k3_loss's own fixed point "
         f"{fmt(metrics['fixed_points']['argmax E[r] - beta KL(pi_ref || pi)'])}.\n\n"
         f"{table}\n\n"
-        "Reading: the three placements whose expected gradient is grad KL(pi || pi_ref) (KL in the reward, "
-        "k2 as a loss, importance-weighted k3) end at the regularised optimum "
-        f"(TV {pl['k1_reward']['distance_to_optimum']:.4f}, {pl['k2_loss']['distance_to_optimum']:.4f}, "
-        f"{pl['k3_loss_is']['distance_to_optimum']:.4f}), as does the exact KL; with KL in the reward every "
-        "seed lands on pi* exactly (seed std "
-        f"{max(pl['k1_reward']['final_probs_seed_std']):.1e}) because r - beta k1 is the same for every arm at "
-        "pi*, so its baselined gradient has no noise there. k3 differentiated as a loss "
-        "converges, but to the maximiser of E[r] - beta KL(pi_ref || pi) "
-        f"(TV {pl['k3_loss']['distance_to_fixed_point']:.4f} from it, "
-        f"{pl['k3_loss']['distance_to_optimum']:.4f} from pi*). k1 as a loss has zero expected gradient: the "
-        "policy heads for the reward-greedy vertex "
-        f"(TV {pl['k1_loss']['distance_to_fixed_point']:.4f} from it) with logits that never converge (max centred "
-        f"|logit| {pl['k1_loss']['max_abs_logit']:.1f} at the end, still growing); the probabilities approach the "
-        f"vertex only slowly (last-20% change {pl['k1_loss']['last_window_change']:.4f}).\n\n"
+        "**Reading** (computed; a policy \"equals\" a point when per-arm t-tests over the seeds, Holm-adjusted "
+        f"over the arms, find no difference at p < {_stats.SIGNIFICANCE:g}, or every arm is within {TOLERANCE:g}):\n\n"
+        + "\n".join(f"- {line}" for line in reading(metrics)) + "\n\n"
         f"![arm probabilities]({rel_dir}/arm_probabilities.png){simplex}\n"
     )
 
 
 if __name__ == "__main__":
-    run_main(main)
+    _common.run_main(main)

@@ -65,6 +65,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -73,7 +74,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments._common import Timer, float_list, markdown_table, parser, run_main, save_figure, save_metrics
+from experiments import _common, _models, _stats, _train
 from kljax import discrete, plot, policy
 
 TITLE = "PPO on Acrobot: exact vs sampled (k1, k3) KL penalties, adaptive beta, clipping, no constraint"
@@ -117,8 +118,8 @@ def make_arms(beta, kl_target, beta_sweep, kl_target_sweep, adaptive_penalties=E
 # --- actor-critic -----------------------------------------------------------------------------------
 
 
-def init_mlp(rng, sizes, out_scale):
-    """(W, b) layers, orthogonal init (gain sqrt 2 hidden, ``out_scale`` last), zero biases.
+def init_layers(rng, sizes, out_scale):
+    """(weight (out, in), bias) layers, orthogonal init (gain sqrt 2 hidden, ``out_scale`` last), zero biases.
 
     Done in NumPy, outside the compiled program: a batched QR (vmapped ``orthogonal`` initialiser)
     inside ``jit`` can deadlock jaxlib's CPU LAPACK kernel on a 2-thread pool.
@@ -128,22 +129,21 @@ def init_mlp(rng, sizes, out_scale):
         gain = out_scale if i == len(sizes) - 2 else math.sqrt(2)
         q, r = np.linalg.qr(rng.normal(size=(max(n_in, n_out), min(n_in, n_out))))
         q = q * np.sign(np.diag(r))
-        w = q if n_in >= n_out else q.T
-        layers.append((gain * w.astype(np.float32), np.zeros(n_out, np.float32)))
+        w = q if n_in >= n_out else q.T  # (in, out)
+        layers.append((gain * w.T.astype(np.float32), np.zeros(n_out, np.float32)))
     return layers
 
 
-def mlp(layers, x):
-    """The network on a batch x of shape (n, d_in)."""
-    for w, b in layers[:-1]:
-        x = jnp.tanh(x @ w + b[None, :])
-    w, b = layers[-1]
-    return x @ w + b[None, :]
-
-
-def init_agent(rng, obs_dim, num_actions, hidden=64):
-    return {"actor": init_mlp(rng, (obs_dim, hidden, hidden, num_actions), 0.01),
-            "critic": init_mlp(rng, (obs_dim, hidden, hidden, 1), 1.0)}
+def init_agents(rngs, obs_dim, num_actions, hidden=64):
+    """Actor and critic (tanh ``equinox.nn.MLP``s, two hidden layers of ``hidden``), one per NumPy generator,
+    stacked: ``(params, static)`` with ``params = {"actor": ..., "critic": ...}``."""
+    params, static = {}, {}
+    for name, out_size, out_scale in (("actor", num_actions, 0.01), ("critic", 1, 1.0)):
+        per_agent = [init_layers(rng, (obs_dim, hidden, hidden, out_size), out_scale) for rng in rngs]
+        stacked = [tuple(np.stack([agent[i][j] for agent in per_agent]) for j in range(2))
+                   for i in range(len(per_agent[0]))]
+        params[name], static[name] = _models.from_layers(stacked, jnp.tanh)
+    return params, static
 
 
 # --- PPO --------------------------------------------------------------------------------------------
@@ -160,9 +160,14 @@ def penalty_terms(logits, logits_old, log_prob, log_prob_old):
     }
 
 
-def make_train(cfg, env, env_params):
+def make_train(cfg, env, env_params, static):
     """A function (params, key, arm) -> per-iteration statistics, ``arm`` a dict of traced numbers
-    (clip flag, penalty index into ``PENALTIES``, beta, adaptive flag, d_targ)."""
+    (clip flag, penalty index into ``PENALTIES``, beta, adaptive flag, d_targ); ``static`` the networks'
+    static part from ``init_agents``."""
+
+    def mlp(params, name, x):
+        return _models.apply(params[name], static[name], x)
+
     num_envs, num_steps = cfg["num_envs"], cfg["num_steps"]
     batch = num_envs * num_steps
     minibatch = batch // cfg["num_minibatches"]
@@ -170,7 +175,7 @@ def make_train(cfg, env, env_params):
                             optax.adam(cfg["learning_rate"], eps=1e-5))
 
     def loss_fn(params, mb, arm, beta):
-        logits = mlp(params["actor"], mb["obs"])
+        logits = mlp(params, "actor", mb["obs"])
         log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), mb["action"][:, None], axis=-1)[:, 0]
         ratio = jnp.exp(log_prob - mb["log_prob"])
         adv = (mb["advantage"] - jnp.mean(mb["advantage"])) / (jnp.std(mb["advantage"]) + 1e-8)
@@ -178,7 +183,7 @@ def make_train(cfg, env, env_params):
         surrogate = jnp.where(arm["clip"], jnp.mean(clipped), jnp.mean(ratio * adv))
         terms = penalty_terms(logits, mb["logits"], log_prob, mb["log_prob"])
         penalty = jnp.stack([jnp.zeros((), jnp.float32)] + [jnp.mean(terms[p]) for p in PENALTIES[1:]])[arm["penalty"]]
-        value = mlp(params["critic"], mb["obs"])[:, 0]
+        value = mlp(params, "critic", mb["obs"])[:, 0]
         value_loss = 0.5 * jnp.mean(jnp.square(value - mb["return"]))
         return -surrogate + beta * penalty + cfg["value_coef"] * value_loss
 
@@ -186,17 +191,17 @@ def make_train(cfg, env, env_params):
         def step(carry, k):
             env_state, obs, episode_return = carry
             k_act, k_env = jax.random.split(k)
-            logits = mlp(params["actor"], obs)
+            logits = mlp(params, "actor", obs)
             action = jax.random.categorical(k_act, logits)
             log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), action[:, None], axis=-1)[:, 0]
             next_obs, env_state, reward, terminated, truncated, info = jax.vmap(
                 env.step, in_axes=(0, 0, 0, None))(jax.random.split(k_env, num_envs), env_state, action, env_params)
             done = terminated | truncated
             # truncation bootstraps from the value of the observation the episode ended in
-            next_value = mlp(params["critic"], info["final_observation"])[:, 0]
+            next_value = mlp(params, "critic", info["final_observation"])[:, 0]
             episode_return = episode_return + reward
             transition = {"obs": obs, "action": action, "log_prob": log_prob, "logits": logits,
-                          "value": mlp(params["critic"], obs)[:, 0], "reward": reward, "next_value": next_value,
+                          "value": mlp(params, "critic", obs)[:, 0], "reward": reward, "next_value": next_value,
                           "terminated": terminated, "done": done, "finished": jnp.where(done, episode_return, 0.0)}
             return (env_state, next_obs, jnp.where(done, 0.0, episode_return)), transition
 
@@ -224,19 +229,12 @@ def make_train(cfg, env, env_params):
 
         def epoch(state, k):
             perm = jax.random.permutation(k, batch).reshape(cfg["num_minibatches"], minibatch)
-
-            def minibatch_step(state, idx):
-                params, opt_state = state
-                mb = jax.tree_util.tree_map(lambda x: x[idx], data)
-                grads = jax.grad(loss_fn)(params, mb, arm, beta)
-                updates, opt_state = optimizer.update(grads, opt_state, params)
-                return (optax.apply_updates(params, updates), opt_state), None
-
-            return jax.lax.scan(minibatch_step, state, perm)[0], None
+            loss = lambda p, idx: loss_fn(p, _train.index_tree(data, idx), arm, beta)
+            return _train.run_steps(loss, optimizer, *state, perm)[0], None
 
         (params, opt_state), _ = jax.lax.scan(epoch, (params, opt_state),
                                               jax.random.split(k_perm, cfg["num_epochs"]))
-        new_logits = mlp(params["actor"], data["obs"])
+        new_logits = mlp(params, "actor", data["obs"])
         new_log_prob = jnp.take_along_axis(jax.nn.log_softmax(new_logits), data["action"][:, None], axis=-1)[:, 0]
         kl_old_new = jnp.mean(discrete.kl_logits(data["logits"], new_logits))  # KL[pi_old || pi_new], eq. 8's d
         kl_new_old = jnp.mean(discrete.kl_logits(new_logits, data["logits"]))
@@ -273,79 +271,48 @@ def _forward_fill_returns(sums, counts):
     return out
 
 
-def welch(a, b):
-    """Welch's t-test of mean(a) - mean(b): (difference, t, two-sided p), Welch-Satterthwaite degrees of freedom.
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Settings of the study (``quick()``: the CI scale)."""
 
-    Written out (rather than ``scipy.stats.ttest_ind``) so that samples without spread (every seed at
-    the floor of -500) give a defined answer: p = 1 for equal means, 0 for different ones.
-    """
-    from scipy import stats
+    num_seeds: int = 10  # seeds per arm
+    num_iterations: int = 200  # PPO iterations
+    num_envs: int = 8  # parallel environments
+    num_steps: int = 128  # rollout length per environment and iteration
+    num_epochs: int = 4
+    num_minibatches: int = 4
+    learning_rate: float = 2.5e-3
+    beta: float = 1.0  # fixed beta, and adaptive beta's initial value
+    kl_target: float = 0.01  # d_targ of the adaptive rule
+    beta_sweep: tuple[float, ...] = (0.1, 0.3, 3.0, 10.0)  # fixed betas of the exact-KL sweep (beside beta)
+    kl_target_sweep: tuple[float, ...] = (0.003, 0.03)  # d_targ values of the adaptive sweep (beside kl_target)
+    clip_eps: float = 0.2
+    seed: int = 0
 
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    difference = float(a.mean() - b.mean())
-    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
-    se = math.sqrt(va + vb)
-    if se <= 1e-12 * max(1.0, abs(a.mean()), abs(b.mean())):
-        return difference, float("nan"), 1.0 if abs(difference) <= 1e-12 * max(1.0, abs(a.mean())) else 0.0
-    dof = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))
-    t = difference / se
-    return difference, float(t), float(2 * stats.t.sf(abs(t), dof))
-
-
-def holm(p_values):
-    """Holm's step-down adjusted p-values (family-wise error), same order as given."""
-    p = np.nan_to_num(np.asarray(p_values, float), nan=1.0)
-    order = np.argsort(p)
-    adjusted = np.empty_like(p)
-    running = 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(p) - rank) * p[i]))
-        adjusted[i] = running
-    return adjusted
+    @classmethod
+    def quick(cls) -> "Config":
+        return cls(num_seeds=2, num_iterations=12)
 
 
-QUICK = {"num_seeds": 2, "num_iterations": 12, "num_envs": 8}
-FULL = {"num_seeds": 10, "num_iterations": 200, "num_envs": 8}
-
-
-def main(argv=None) -> dict:
-    p = parser("ppo_kl", __doc__.splitlines()[0])
-    p.add_argument("--num-seeds", type=int, default=None, help=f"seeds per arm (quick {QUICK['num_seeds']}, "
-                                                               f"full {FULL['num_seeds']})")
-    p.add_argument("--num-iterations", type=int, default=None,
-                   help=f"PPO iterations (quick {QUICK['num_iterations']}, full {FULL['num_iterations']})")
-    p.add_argument("--num-envs", type=int, default=None,
-                   help=f"parallel environments (quick {QUICK['num_envs']}, full {FULL['num_envs']})")
-    p.add_argument("--num-steps", type=int, default=128, help="rollout length per environment and iteration")
-    p.add_argument("--num-epochs", type=int, default=4)
-    p.add_argument("--num-minibatches", type=int, default=4)
-    p.add_argument("--learning-rate", type=float, default=2.5e-3)
-    p.add_argument("--beta", type=float, default=1.0, help="fixed beta, and adaptive beta's initial value")
-    p.add_argument("--kl-target", type=float, default=0.01, help="d_targ of the adaptive rule")
-    p.add_argument("--beta-sweep", type=float_list, default=[0.1, 0.3, 3.0, 10.0],
-                   help="fixed betas of the exact-KL sweep (beside --beta)")
-    p.add_argument("--kl-target-sweep", type=float_list, default=[0.003, 0.03],
-                   help="d_targ values of the adaptive exact-KL sweep (beside --kl-target)")
-    p.add_argument("--clip-eps", type=float, default=0.2)
-    args = p.parse_args(argv)
-    scale = QUICK if args.quick else FULL
-    num_seeds = args.num_seeds or scale["num_seeds"]
-    cfg = {"env": ENV_NAME, "num_envs": args.num_envs or scale["num_envs"], "num_steps": args.num_steps,
-           "num_epochs": args.num_epochs, "num_minibatches": args.num_minibatches,
-           "learning_rate": args.learning_rate, "num_iterations": args.num_iterations or scale["num_iterations"],
-           "gamma": 0.99, "gae_lambda": 0.95, "clip_eps": args.clip_eps, "value_coef": 0.5, "max_grad_norm": 0.5,
-           "kl_target": args.kl_target, "beta": args.beta}
+def run(config: Config) -> dict:
+    """Trains every arm and seed as one compiled program; returns the metrics."""
+    num_seeds = config.num_seeds
+    cfg = {"env": ENV_NAME, "num_envs": config.num_envs, "num_steps": config.num_steps,
+           "num_epochs": config.num_epochs, "num_minibatches": config.num_minibatches,
+           "learning_rate": config.learning_rate, "num_iterations": config.num_iterations,
+           "gamma": 0.99, "gae_lambda": 0.95, "clip_eps": config.clip_eps, "value_coef": 0.5, "max_grad_norm": 0.5,
+           "kl_target": config.kl_target, "beta": config.beta}
     if (cfg["num_envs"] * cfg["num_steps"]) % cfg["num_minibatches"]:
-        p.error("num_envs * num_steps must be divisible by num_minibatches")
+        raise ValueError("num_envs * num_steps must be divisible by num_minibatches")
     if num_seeds < 2:
-        p.error("--num-seeds must be at least 2 (intervals and Welch tests need a spread)")
+        raise ValueError(f"num_seeds must be at least 2 (intervals and Welch tests need a spread), got {num_seeds}")
 
     import gymnax
 
     env, env_params = gymnax.make(ENV_NAME)
     obs_dim = int(np.prod(env.observation_space(env_params).shape))
     num_actions = int(env.num_actions)
-    arms = make_arms(args.beta, args.kl_target, args.beta_sweep, args.kl_target_sweep)
+    arms = make_arms(config.beta, config.kl_target, config.beta_sweep, config.kl_target_sweep)
     names = list(arms)
     flat = [arms[n] for n in names for _ in range(num_seeds)]
     traced = {"clip": jnp.asarray([a["clip"] for a in flat]),
@@ -354,13 +321,12 @@ def main(argv=None) -> dict:
               "adaptive": jnp.asarray([a["adaptive"] for a in flat]),
               "kl_target": jnp.asarray([a["kl_target"] for a in flat], jnp.float32)}
     # the same seeds (initial weights, environments, sampling) in every arm: common random numbers
-    keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(args.seed), s) for _ in names for s in range(num_seeds)])
-    agents = [init_agent(np.random.default_rng([args.seed, s]), obs_dim, num_actions)
-              for _ in names for s in range(num_seeds)]
-    params = jax.tree_util.tree_map(lambda *leaves: jnp.asarray(np.stack(leaves)), *agents)
+    keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(config.seed), s) for _ in names for s in range(num_seeds)])
+    params, static = init_agents([np.random.default_rng([config.seed, s]) for _ in names for s in range(num_seeds)],
+                                 obs_dim, num_actions)
 
-    train = jax.jit(jax.vmap(make_train(cfg, env, env_params)))
-    with Timer() as timer:
+    train = jax.jit(jax.vmap(make_train(cfg, env, env_params, static)))
+    with _common.Timer() as timer:
         stats = jax.tree_util.tree_map(np.asarray, train(params, keys, traced))
     shape = (len(names), num_seeds, cfg["num_iterations"])
     stats = {k: v.reshape(shape).astype(float) for k, v in stats.items()}
@@ -399,17 +365,24 @@ def main(argv=None) -> dict:
                          "penalty_value": stats["penalty_value"][i]},
         }
     metrics = {
-        "config": {**cfg, "num_seeds": num_seeds, "quick": args.quick, "seed": args.seed,
+        "config": {**cfg, "num_seeds": num_seeds, "seed": config.seed,
                    "num_actions": num_actions, "env_steps_per_run": int(env_steps[-1]),
-                   "final_window_iterations": tail, "beta_sweep": args.beta_sweep,
-                   "kl_target_sweep": args.kl_target_sweep, "level": LEVEL, "alpha": ALPHA},
+                   "final_window_iterations": tail, "beta_sweep": list(config.beta_sweep),
+                   "kl_target_sweep": list(config.kl_target_sweep), "level": LEVEL, "alpha": ALPHA},
         "env_steps": env_steps,
         "arms": results,
-        "comparisons": _comparisons(results, args.beta, args.kl_target),
+        "comparisons": _comparisons(results, config.beta, config.kl_target),
         "seconds": timer.seconds,
         "env_steps_per_second": float(env_steps[-1] * len(names) * num_seeds / timer.seconds),
     }
-    save_metrics(args.out, metrics)
+    return metrics
+
+
+def main(argv=None) -> dict:
+    config, args = _common.parse_config(Config, "ppo_kl", __doc__.splitlines()[0], argv)
+    metrics = run(config)
+    metrics["config"]["quick"] = bool(args.quick)
+    _common.save_metrics(args.out, metrics)
     _plot(args.out, metrics)
     return metrics
 
@@ -425,16 +398,16 @@ def _comparisons(results, beta, kl_target):
     pairs = [(a, b) for a, b in pairs if a in results and b in results]
     rows = []
     for a, b in pairs:
-        d_ret, _, p_ret = welch(results[a]["final_return_per_seed"], results[b]["final_return_per_seed"])
-        d_auc, _, p_auc = welch(results[a]["mean_return_per_seed"], results[b]["mean_return_per_seed"])
+        d_ret, _, p_ret = _stats.welch(results[a]["final_return_per_seed"], results[b]["final_return_per_seed"])
+        d_auc, _, p_auc = _stats.welch(results[a]["mean_return_per_seed"], results[b]["mean_return_per_seed"])
         log_kl_a = np.log(np.maximum(np.asarray(results[a]["median_kl_per_seed"], float), KL_FLOOR))
         log_kl_b = np.log(np.maximum(np.asarray(results[b]["median_kl_per_seed"], float), KL_FLOOR))
-        d_kl, _, p_kl = welch(log_kl_a, log_kl_b)
+        d_kl, _, p_kl = _stats.welch(log_kl_a, log_kl_b)
         rows.append({"a": a, "b": b, "return_difference": d_ret, "return_p": p_ret,
                      "mean_return_difference": d_auc, "mean_return_p": p_auc,
                      "kl_ratio": float(np.exp(d_kl)), "kl_p": p_kl})
     for key in ("return_p", "mean_return_p", "kl_p"):
-        adjusted = holm([r[key] for r in rows]) if rows else []
+        adjusted = _stats.holm_adjusted([r[key] for r in rows]) if rows else []
         for r, q in zip(rows, adjusted):
             r[key + "_holm"] = float(q)
     return rows
@@ -499,13 +472,13 @@ def _plot(out_dir, metrics):
     for a in (axes[0, 0], axes[1, 0], axes[1, 2]):
         a.legend(fontsize=7)
     fig.tight_layout()
-    save_figure(fig, out_dir, "ppo_kl")
+    _common.save_figure(fig, out_dir, "ppo_kl")
     fig = plot.method_comparison({n: r["final_return_per_seed"] for n, r in arms.items()},
                                  label=f"final return ({ENV_NAME}, higher is better)", level=LEVEL)
-    save_figure(fig, out_dir, "ppo_kl_final_return")
+    _common.save_figure(fig, out_dir, "ppo_kl_final_return")
     fig = plot.method_comparison({n: r["mean_return_per_seed"] for n, r in arms.items()},
                                  label=f"mean return over training ({ENV_NAME}, higher is better)", level=LEVEL)
-    save_figure(fig, out_dir, "ppo_kl_mean_return")
+    _common.save_figure(fig, out_dir, "ppo_kl_mean_return")
 
 
 def _verdict(row, key, alpha):
@@ -528,9 +501,11 @@ def _reading(metrics):
     lines = [
         f"- Final return: the highest mean is `{best_final}` ({arms[best_final]['final_return_mean']:.1f}, "
         f"{_interval(arms[best_final], 'final_return')}); {len(near)} of {len(arms)} arms have a 95% interval "
-        f"reaching it, so at {cfg['env_steps_per_run']} steps the final return of most arms has levelled off "
-        f"(Gym's 'solved' threshold for Acrobot is -100) and the return averaged over training, which also counts "
-        f"how fast an arm learns, is the score that separates them.",
+        f"reaching it" + (
+            f", so at {cfg['env_steps_per_run']} steps the final return does not separate most arms (Gym's "
+            "'solved' threshold for Acrobot is -100); the return averaged over training, which also counts how "
+            "fast an arm learns, is the main score." if 2 * len(near) > len(arms) else
+            f": at {cfg['env_steps_per_run']} steps the final return still separates most arms."),
         f"- Mean return over training: best `{best}` ({learning[best]:.1f}, "
         f"{_interval(arms[best], 'mean_return')}); " + ", ".join(
             f"`{n}` {learning[n]:.1f}" for n in sorted(learning, key=learning.get, reverse=True)) + ".",
@@ -538,12 +513,17 @@ def _reading(metrics):
     floor = {n: np.asarray(r["final_return_per_seed"], float) <= -499 for n, r in arms.items()}
     floor = {n: mask for n, mask in floor.items() if mask.any()}
     if floor:
-        entropy = max(float(np.nanmax(np.asarray(arms[n]["final_entropy_per_seed"], float)[mask]))
-                      for n, mask in floor.items())
+        entropies = np.concatenate([np.asarray(arms[n]["final_entropy_per_seed"], float)[mask]
+                                    for n, mask in floor.items()])
+        low, high = float(np.nanmin(entropies)), float(np.nanmax(entropies))
+        collapsed = int(np.sum(entropies < 0.1 * np.log(3)))
         lines.append("- Seeds that end at the floor (final return <= -499): " + ", ".join(
             f"`{n}` {int(mask.sum())}/{cfg['num_seeds']}" for n, mask in floor.items())
-            + f"; their final policy entropy is at most {entropy:.2g} nats (uniform: {np.log(3):.3f}), a collapsed, "
-            "near-deterministic policy that no longer explores.")
+            + f"; their final policy entropy ranges from {low:.2g} to {high:.2g} nats (uniform: {np.log(3):.3f}): "
+            + (f"all {entropies.size} collapsed to a near-deterministic policy that no longer explores."
+               if collapsed == entropies.size else
+               f"{collapsed} of {entropies.size} collapsed (entropy below a tenth of uniform's); the others still "
+               "act near randomly and have not found the swing-up."))
     else:
         lines.append("- No seed ends at the floor of -500.")
     lines.append("- Comparisons (Welch tests over seeds, Holm-adjusted within each quantity):")
@@ -563,7 +543,9 @@ def _reading(metrics):
             f"policy's entropy ends at a median {np.median(k1['final_entropy_per_seed']):.3g} nats "
             f"(log 3 = {np.log(3):.3f} for uniform; {np.median(arms[exact]['final_entropy_per_seed']):.3g} with the "
             f"exact penalty), the median KL per update is {k1['median_kl_to_old']:.3g} and the final return "
-            f"{k1['final_return_mean']:.1f}: a deterministic policy no longer explores.")
+            f"{k1['final_return_mean']:.1f}"
+            + (": a near-deterministic policy no longer explores." if np.median(k1["final_entropy_per_seed"])
+               < 0.1 * np.log(3) else "."))
     sampled = [f"{p}, beta={cfg['beta']:g}" for p in ("k1_reward", "k3_loss", "k3_is")]
     sampled = [n for n in sampled if n in arms]
     if sampled and exact in arms:
@@ -595,7 +577,8 @@ def report(metrics: dict, rel_dir) -> str:
              r["fraction_in_target_band"] if r["adaptive"] else "-",
              float(np.nanmedian(r["final_beta_per_seed"])) if r["penalty"] != "none" else "-"]
             for name, r in arms.items()]
-    table = markdown_table(["arm", "mean return over training", "95% t interval", "final return", "95% t interval",
+    table = _common.markdown_table(["arm", "mean return over training", "95% t interval", "final return",
+                                    "95% t interval",
                             "median exact KL[old || new] per update", "median penalty value (own estimator)",
                             "final entropy (median)", "fraction of updates in band", "final beta (median)"],
                            rows, float_format="{:.4g}")
@@ -619,4 +602,4 @@ def report(metrics: dict, rel_dir) -> str:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    _common.run_main(main)

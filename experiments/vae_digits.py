@@ -3,7 +3,7 @@
 Data: the 1797 8x8 digits scaled to [0, 1] and binarised at 0.5 (so the Bernoulli likelihood is a proper
 density and the ELBO a bound on log p(x)); a stratified 80/20 train/test split.
 Model: z ~ N(0, I_d) for latent sizes d (``--latents``); x | z ~ Bernoulli(decoder(z)) on 64 pixels;
-q(z | x) = N(mu(x), diag sigma(x)^2); one-hidden-layer MLP encoder and decoder. Trained by Adam on the
+q(z | x) = N(mu(x), diag sigma(x)^2); one-hidden-layer tanh MLP encoder and decoder (equinox). Trained by Adam on the
 single-sample reparameterised ELBO log p(x | z) - KL(q(z | x) || p(z)), z = mu + sigma * eps, with the KL
 term
 
@@ -32,6 +32,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -39,10 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from scipy import stats
 
-from experiments._common import (Timer, float_list, markdown_table, parser, progress, run_main, save_figure,
-                                 save_metrics)
+from experiments import _common, _data, _models, _stats, _train
 from kljax import analytic, distributions, mc, plot
 
 TITLE = "VAE on 8x8 digits: closed-form vs Monte Carlo vs STL KL term, judged by the IWAE bound"
@@ -54,39 +53,35 @@ PIXELS = 64
 
 def load_data(seed: int):
     """Binarised digits (float) and labels, split 80/20 stratified."""
-    from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    images, labels = load_digits(return_X_y=True)
-    binary = (images / 16.0 >= 0.5).astype(np.float64)
+    images, labels = _data.digits()
+    binary = (images >= 0.5).astype(np.float64)
     return train_test_split(binary, labels, test_size=0.2, random_state=seed, stratify=labels)
 
 
 def init_params(key, hidden, dtype, latent=2):
-    """Encoder 64 -> hidden -> (mu, log sigma) and decoder latent -> hidden -> 64 logits (Glorot normal)."""
+    """Encoder 64 -> hidden -> (mu, log sigma) and decoder latent -> hidden -> 64 logits: tanh
+    ``equinox.nn.MLP``s (their array parts), Glorot-normal weights and zero biases."""
     def dense(key, fan_in, fan_out):
         scale = math.sqrt(2.0 / (fan_in + fan_out))
-        return {"w": scale * jax.random.normal(key, (fan_in, fan_out), dtype), "b": jnp.zeros(fan_out, dtype)}
+        return scale * jax.random.normal(key, (fan_in, fan_out), dtype).T, jnp.zeros(fan_out, dtype)
     keys = jax.random.split(key, 4)
-    return {"encoder": [dense(keys[0], PIXELS, hidden), dense(keys[1], hidden, 2 * latent)],
-            "decoder": [dense(keys[2], latent, hidden), dense(keys[3], hidden, PIXELS)]}
-
-
-def _mlp(layers, x):
-    hidden = jnp.tanh(x @ layers[0]["w"] + layers[0]["b"])
-    return hidden @ layers[1]["w"] + layers[1]["b"]
+    encoder, _ = _models.from_layers([dense(keys[0], PIXELS, hidden), dense(keys[1], hidden, 2 * latent)], jnp.tanh)
+    decoder, _ = _models.from_layers([dense(keys[2], latent, hidden), dense(keys[3], hidden, PIXELS)], jnp.tanh)
+    return {"encoder": encoder, "decoder": decoder}
 
 
 def encode(params, x):
     """q(z | x) for one image x of shape (64,); the latent size is the decoder's input size."""
-    out = _mlp(params["encoder"], x)
+    out = _models.network(params["encoder"], jnp.tanh)(x)
     latent = out.shape[-1] // 2
     return distributions.MultivariateNormalDiag(out[:latent], jnp.exp(out[latent:]))
 
 
 def decode(params, z):
     """Bernoulli logits of the 64 pixels for one latent z of shape (latent,)."""
-    return _mlp(params["decoder"], z)
+    return _models.network(params["decoder"], jnp.tanh)(z)
 
 
 def _prior(latent, dtype):
@@ -203,15 +198,10 @@ def train(keys, x_train, *, latent, epochs, batch_size, learning_rate, hidden, d
         order = jax.random.permutation(perm_key, x_train.shape[0])[:num_batches * batch_size]
         batches = order.reshape(num_batches, batch_size)
 
-        def step(carry, inputs):
-            params, state = carry
-            index, k = inputs
-            loss, grads = jax.value_and_grad(batch_loss)(params, x_train[index], k, term)
-            updates, state = optimizer.update(grads, state, params)
-            return (optax.apply_updates(params, updates), state), -loss
-        (params, state), elbos = jax.lax.scan(step, (params, state),
-                                              (batches, jax.random.split(step_key, num_batches)))
-        return params, state, jnp.mean(elbos)
+        (params, state), losses = _train.run_steps(
+            lambda p, inputs: batch_loss(p, x_train[inputs[0]], inputs[1], term), optimizer, params, state,
+            (batches, jax.random.split(step_key, num_batches)), trace="loss")
+        return params, state, -jnp.mean(losses)
 
     @jax.jit
     def epoch(params, state, epoch_keys):
@@ -221,60 +211,55 @@ def train(keys, x_train, *, latent, epochs, batch_size, learning_rate, hidden, d
 
     initial = params
     curve = []
-    for e in progress(range(1, epochs + 1), desc=f"VAE latent {latent}", total=epochs, disable=disable_progress):
+    for e in _common.progress(range(1, epochs + 1), desc=f"VAE latent {latent}", total=epochs,
+                              disable=disable_progress):
         params, state, elbo = epoch(params, state, jax.vmap(lambda k: jax.random.fold_in(k, e))(keys))
         curve.append(np.asarray(elbo))
     return initial, params, np.stack(curve, axis=-1)
 
 
-def _parse(argv):
-    p = parser("vae_digits", __doc__.splitlines()[0])
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default 300; quick 40)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--learning-rate", type=float, default=3e-3)
-    p.add_argument("--hidden", type=int, default=128, help="hidden units of encoder and decoder")
-    p.add_argument("--latents", type=float_list, default=None, help="latent sizes (default 2,8,16; quick 2,8)")
-    p.add_argument("--seeds", type=int, default=None, help="seeds per (latent, KL term) (default 5; quick 3)")
-    p.add_argument("--iwae-draws", type=int, default=None,
-                   help="K, importance samples of the test bound (default 1000; quick 200)")
-    p.add_argument("--grad-draws", type=int, default=None,
-                   help="eps draws per gradient-variance estimate (default 256; quick 64)")
-    args = p.parse_args(argv)
-    args.epochs = args.epochs or (40 if args.quick else 300)
-    args.latents = [int(v) for v in (args.latents or ([2, 8] if args.quick else [2, 8, 16]))]
-    args.seeds = args.seeds or (3 if args.quick else 5)
-    args.iwae_draws = args.iwae_draws or (200 if args.quick else 1000)
-    args.grad_draws = args.grad_draws or (64 if args.quick else 256)
-    if args.seeds < 2:
-        p.error("--seeds must be >= 2: the comparison needs a spread over seeds")
-    return args
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Settings of the study (``quick()``: the CI scale)."""
+
+    epochs: int = 300  # training epochs
+    batch_size: int = 64
+    learning_rate: float = 3e-3
+    hidden: int = 128  # hidden units of encoder and decoder
+    latents: tuple[int, ...] = (2, 8, 16)  # latent sizes
+    seeds: int = 5  # seeds per (latent, KL term)
+    iwae_draws: int = 1000  # K, importance samples of the test bound
+    grad_draws: int = 256  # eps draws per gradient-variance estimate
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> "Config":
+        return cls(epochs=40, latents=(2, 8), seeds=3, iwae_draws=200, grad_draws=64)
 
 
-def _index(tree, term, seed):
-    return jax.tree.map(lambda leaf: leaf[term, seed], tree)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    args = _parse(argv)
+def run(config: Config, *, show_progress: bool = False) -> tuple[dict, tuple]:
+    """Trains and evaluates every (latent size, KL term, seed); returns ``(metrics, figure_inputs)``."""
+    if config.seeds < 2:
+        raise ValueError(f"seeds must be >= 2: the comparison needs a spread over seeds, got {config.seeds}")
     dtype = jnp.result_type(float)
-    x_train, x_test, y_train, y_test = load_data(args.seed)
+    x_train, x_test, y_train, y_test = load_data(config.seed)
     x_train, x_test = jnp.asarray(x_train, dtype), jnp.asarray(x_test, dtype)
-    seed_keys = jax.random.split(jax.random.key(args.seed), args.seeds)
-    eval_key, variance_key = jax.random.split(jax.random.key(args.seed + 10_000))
-    fixed_batch = x_train[:args.batch_size]
+    seed_keys = jax.random.split(jax.random.key(config.seed), config.seeds)
+    eval_key, variance_key = jax.random.split(jax.random.key(config.seed + 10_000))
+    fixed_batch = x_train[:config.batch_size]
 
     results, latent_two = {}, None
-    for latent in args.latents:
-        with Timer() as timer:
-            initial, final, curve = train(seed_keys, x_train, latent=latent, epochs=args.epochs,
-                                          batch_size=args.batch_size, learning_rate=args.learning_rate,
-                                          hidden=args.hidden, disable_progress=args.no_progress)
+    for latent in config.latents:
+        with _common.Timer() as timer:
+            initial, final, curve = train(seed_keys, x_train, latent=latent, epochs=config.epochs,
+                                          batch_size=config.batch_size, learning_rate=config.learning_rate,
+                                          hidden=config.hidden, disable_progress=not show_progress)
         per_term = {}
         for t, term in enumerate(KL_TERMS):
             iwae, elbo, kl = [], [], []
-            for seed in range(args.seeds):
-                params = _index(final, t, seed)
-                iwae.append(float(iwae_bound(params, x_test, eval_key, args.iwae_draws)))
+            for seed in range(config.seeds):
+                params = _train.index_tree(final, (t, seed))
+                iwae.append(float(iwae_bound(params, x_test, eval_key, config.iwae_draws)))
                 test_elbo, _, test_kl = evaluate(params, x_test, eval_key)
                 elbo.append(float(test_elbo))
                 kl.append(float(test_kl))
@@ -283,24 +268,29 @@ def main(argv: list[str] | None = None) -> dict:
         # at initialisation and at the end, same minibatch and eps draws
         variance = {}
         for stage, tree in (("initial", initial), ("final", final)):
-            params = _index(tree, 0, 0)
+            params = _train.index_tree(tree, (0, 0))
             variance[stage] = {term: gradient_variance(params, fixed_batch, jax.random.fold_in(variance_key, latent),
-                                                       term, args.grad_draws) for term in KL_TERMS}
+                                                       term, config.grad_draws) for term in KL_TERMS}
         results[str(latent)] = {"terms": per_term, "gradient_variance": variance, "seconds": timer.seconds}
         if latent == 2:
-            latent_two = {term: _index(final, t, 0) for t, term in enumerate(KL_TERMS)}
+            latent_two = {term: _train.index_tree(final, (t, 0)) for t, term in enumerate(KL_TERMS)}
 
     metrics = {
-        "config": {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
-                   "hidden": args.hidden, "latents": args.latents, "seeds": args.seeds,
-                   "iwae_draws": args.iwae_draws, "grad_draws": args.grad_draws, "seed": args.seed,
+        "config": {**dataclasses.asdict(config), "latents": [int(v) for v in config.latents],
                    "num_train": int(x_train.shape[0]), "num_test": int(x_test.shape[0]),
                    "likelihood": "Bernoulli on pixels binarised at 0.5"},
         "results": results,
         "comparisons": _comparisons(results),
     }
-    save_metrics(args.out, metrics)
-    _figures(metrics, latent_two, x_test, np.asarray(y_test), args.out)
+    return metrics, (latent_two, x_test, np.asarray(y_test))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    config, args = _common.parse_config(Config, "vae_digits", __doc__.splitlines()[0], argv)
+    metrics, (latent_two, x_test, y_test) = run(config, show_progress=not args.no_progress)
+    metrics["config"]["quick"] = bool(args.quick)
+    _common.save_metrics(args.out, metrics)
+    _figures(metrics, latent_two, x_test, y_test, args.out)
     return metrics
 
 
@@ -311,9 +301,8 @@ def _comparisons(results):
     for latent, result in results.items():
         for a, b in (("closed_form", "monte_carlo_k1"), ("closed_form", "stl"), ("stl", "monte_carlo_k1")):
             x, y = np.asarray(result["terms"][a]["iwae"]), np.asarray(result["terms"][b]["iwae"])
-            test = stats.ttest_rel(x, y)
             rows.append({"latent": int(latent), "a": a, "b": b, "difference": float(x.mean() - y.mean()),
-                         "p_value": float(test.pvalue)})
+                         "p_value": _stats.paired_p(x, y)})
     return rows
 
 
@@ -345,7 +334,7 @@ def _figures(metrics, latent_two, x_test, y_test, out_dir):
     axes[1].set(xlabel="epoch", ylabel="training ELBO (its own estimator)", title="training curves (mean of seeds)")
     axes[1].legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    save_figure(fig, out_dir, "iwae_by_latent")
+    _common.save_figure(fig, out_dir, "iwae_by_latent")
 
     if latent_two is None:
         return
@@ -357,7 +346,7 @@ def _figures(metrics, latent_two, x_test, y_test, out_dir):
             axes[r, c].imshow(np.asarray(images[c]).reshape(8, 8), cmap="gray_r", vmin=0, vmax=1)
             axes[r, c].axis("off")
         axes[r, 0].set_title(name, fontsize=7, loc="left")
-    save_figure(fig, out_dir, "reconstructions")
+    _common.save_figure(fig, out_dir, "reconstructions")
 
     fig, axes = plt.subplots(1, len(KL_TERMS), figsize=(5 * len(KL_TERMS), 4.5))
     for ax, term in zip(axes, KL_TERMS):
@@ -365,7 +354,7 @@ def _figures(metrics, latent_two, x_test, y_test, out_dir):
         scatter = ax.scatter(means[:, 0], means[:, 1], c=y_test, cmap="tab10", s=8, vmin=-0.5, vmax=9.5)
         ax.set(title=f"latent 2, {term} KL (seed 0)", xlabel="z1", ylabel="z2")
     fig.colorbar(scatter, ax=axes, ticks=range(10), label="digit")
-    save_figure(fig, out_dir, "latent")
+    _common.save_figure(fig, out_dir, "latent")
 
 
 def _reading(metrics) -> str:
@@ -373,7 +362,7 @@ def _reading(metrics) -> str:
     lines = []
     for row in metrics["comparisons"]:
         verdict = (f"{row['a'] if row['difference'] > 0 else row['b']} is higher by {abs(row['difference']):.2f} "
-                   f"nats (p = {row['p_value']:.2g})" if row["p_value"] < 0.05 else
+                   f"nats (p = {row['p_value']:.2g})" if row["p_value"] < _stats.SIGNIFICANCE else
                    f"no significant difference ({row['difference']:+.2f} nats, p = {row['p_value']:.2g})")
         lines.append(f"- latent {row['latent']}, {row['a']} vs {row['b']}: {verdict}")
     return "\n".join(lines)
@@ -388,7 +377,7 @@ def report(metrics: dict, rel_dir) -> str:
             mean, low, high = plot.mean_interval(values["iwae"])
             rows.append([latent, term, f"{mean:.2f} [{low:.2f}, {high:.2f}]", float(np.mean(values["elbo"])),
                          float(np.mean(values["kl"])), result["gradient_variance"]["final"][term]["encoder"]])
-    table = markdown_table(["latent", "KL term", f"test IWAE (K = {config['iwae_draws']}), 95% interval",
+    table = _common.markdown_table(["latent", "KL term", f"test IWAE (K = {config['iwae_draws']}), 95% interval",
                             "test ELBO", "test KL", "encoder grad. Var at the end"], rows, float_format="{:.4g}")
     return (
         f"{config['num_train']} train / {config['num_test']} test binarised digits, latent sizes "
@@ -406,4 +395,4 @@ def report(metrics: dict, rel_dir) -> str:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    _common.run_main(main)

@@ -29,6 +29,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import NamedTuple
@@ -38,8 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments._common import (float_list, markdown_table, parser, progress, run_main,
-                                 save_figure, save_metrics)
+from experiments import _common, _train
 from kljax import distributions, mc, plot
 
 TITLE = "Forward vs reverse KL: a Gaussian fitted to a two-mode mixture"
@@ -114,17 +114,11 @@ def optimise(loss, init, key, target, *, steps, learning_rate, num_samples):
 
     Compiled once per loss and shape; the target is a traced pytree, so separations share the program.
     """
-    schedule = optax.cosine_decay_schedule(learning_rate, steps, alpha=1e-3)
-    optimizer = optax.adam(schedule)
+    optimizer = optax.adam(optax.cosine_decay_schedule(learning_rate, steps, alpha=1e-3))
 
     def one(params, key):
-        def step(carry, k):
-            params, state = carry
-            grads = jax.grad(loss)(params, k, target, num_samples)
-            updates, state = optimizer.update(grads, state, params)
-            return (optax.apply_updates(params, updates), state), None
-        (params, _), _ = jax.lax.scan(step, (params, optimizer.init(params)), jax.random.split(key, steps))
-        return params
+        return _train.fit(params, lambda p, k: loss(p, k, target, num_samples), optimizer=optimizer,
+                          xs=jax.random.split(key, steps))
 
     keys = jax.random.split(key, init.shape[0])
     return jax.vmap(one)(init, keys)
@@ -185,55 +179,46 @@ def summarise_spread(values, truth):
             "share_below_truth": np.mean(values < truth, axis=1)}
 
 
-def _parse(argv):
-    p = parser("vi_bimodal", __doc__.splitlines()[0])
-    p.add_argument("--separations", type=float_list, default="2,3,4",
-                   help="mode positions a, comma-separated (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=None, help="Adam steps per fit (default 3000; quick 1000)")
-    p.add_argument("--learning-rate", type=float, default=0.05)
-    p.add_argument("--samples-per-step", type=int, default=64)
-    p.add_argument("--num-inits", type=int, default=7,
-                   help="initial means in [-1.5 a, 1.5 a] for the reverse fit, each with sigma = 1 and 1 + a")
-    p.add_argument("--check-samples", type=int, default=None,
-                   help="samples of q for the k1 and k3 checks of the KL reached (default 10^6; quick 10^5)")
-    p.add_argument("--spread-sizes", type=float_list, default=None,
-                   help="sample sizes n of the estimator-spread study (default 10..10^6; quick 10..10^4)")
-    p.add_argument("--spread-repeats", type=int, default=None,
-                   help="independent estimates per sample size (default 1000; quick 200)")
-    args = p.parse_args(argv)
-    if args.spread_sizes is None:
-        args.spread_sizes = [10, 100, 1000, 10_000] + ([] if args.quick else [100_000, 1_000_000])
-    args.spread_sizes = [int(n) for n in args.spread_sizes]
-    if args.spread_repeats is None:
-        args.spread_repeats = 200 if args.quick else 1000
-    if args.steps is None:
-        args.steps = 1000 if args.quick else 3000
-    if args.check_samples is None:
-        args.check_samples = 100_000 if args.quick else 1_000_000
-    return args
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Settings of the study (``quick()``: the CI scale)."""
+
+    separations: tuple[float, ...] = (2.0, 3.0, 4.0)  # mode positions a
+    steps: int = 3000  # Adam steps per fit
+    learning_rate: float = 0.05
+    samples_per_step: int = 64
+    num_inits: int = 7  # initial means in [-1.5 a, 1.5 a] for the reverse fit, each with sigma = 1 and 1 + a
+    check_samples: int = 1_000_000  # samples of q for the k1 and k3 checks of the KL reached
+    spread_sizes: tuple[int, ...] = (10, 100, 1000, 10_000, 100_000, 1_000_000)  # n of the spread study
+    spread_repeats: int = 1000  # independent estimates per sample size
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> "Config":
+        return cls(steps=1000, check_samples=100_000, spread_sizes=(10, 100, 1000, 10_000), spread_repeats=200)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = _parse(argv)
+def run(config: Config, *, show_progress: bool = False) -> dict:
+    """Runs the fits and the estimator checks; returns the metrics."""
     dtype = jnp.result_type(float)
-    key = jax.random.key(args.seed)
+    key = jax.random.key(config.seed)
     results, optima_found = [], []
-    for i, a in enumerate(progress(args.separations, desc="separations", disable=args.no_progress)):
+    for i, a in enumerate(_common.progress(config.separations, desc="separations", disable=not show_progress)):
         target = SymmetricMixture(jnp.asarray(a, dtype))
         forward_key, reverse_key, check_key = jax.random.split(jax.random.fold_in(key, i), 3)
 
         forward_init = jnp.array([[0.5 * a, 0.0]], dtype=dtype)
-        forward = np.asarray(optimise(forward_loss, forward_init, forward_key, target, steps=args.steps,
-                                      learning_rate=args.learning_rate,
-                                      num_samples=args.samples_per_step)[0], dtype=np.float64)
+        forward = np.asarray(optimise(forward_loss, forward_init, forward_key, target, steps=config.steps,
+                                      learning_rate=config.learning_rate,
+                                      num_samples=config.samples_per_step)[0], dtype=np.float64)
         forward_mean, forward_std = float(forward[0]), float(math.exp(forward[1]))
 
-        init_means = np.linspace(-1.5 * a, 1.5 * a, args.num_inits)
+        init_means = np.linspace(-1.5 * a, 1.5 * a, config.num_inits)
         init_stds = np.array([1.0, 1.0 + a])
         inits = np.array([[m, math.log(s)] for m in init_means for s in init_stds])
         reverse = np.asarray(optimise(reverse_loss, jnp.asarray(inits, dtype), reverse_key, target,
-                                      steps=args.steps, learning_rate=args.learning_rate,
-                                      num_samples=args.samples_per_step), dtype=np.float64)
+                                      steps=config.steps, learning_rate=config.learning_rate,
+                                      num_samples=config.samples_per_step), dtype=np.float64)
         means, stds = reverse[:, 0], np.exp(reverse[:, 1])
         kls = np.array([reverse_kl_quadrature(m, s, a) for m, s in zip(means, stds)])
         init_list = [{"mean": float(m), "std": float(math.exp(ls))} for m, ls in inits]
@@ -241,12 +226,12 @@ def main(argv: list[str] | None = None) -> dict:
         best = groups[0]
 
         q_best = distributions.Normal(jnp.asarray(best["mean"], dtype), jnp.asarray(best["std"], dtype))
-        z = q_best.sample(check_key, (args.check_samples,))
+        z = q_best.sample(check_key, (config.check_samples,))
         log_q, log_p = q_best.log_prob(z), target.log_prob(z)
         k1, k1_stderr = mc.kl_with_stderr(log_q, log_p, estimator="k1")
         k3, k3_stderr = mc.kl_with_stderr(log_q, log_p, estimator="k3")
-        spread = estimator_spread(jax.random.fold_in(check_key, 1), q_best, target, args.spread_sizes,
-                                  args.spread_repeats)
+        spread = estimator_spread(jax.random.fold_in(check_key, 1), q_best, target, config.spread_sizes,
+                                  config.spread_repeats)
 
         moment_std = math.sqrt(1.0 + a * a)
         results.append({
@@ -264,14 +249,18 @@ def main(argv: list[str] | None = None) -> dict:
         optima_found.append({"separation": a, "optima": groups})
 
     metrics = {
-        "config": {"separations": args.separations, "steps": args.steps, "learning_rate": args.learning_rate,
-                   "samples_per_step": args.samples_per_step, "num_inits": 2 * args.num_inits,
-                   "check_samples": args.check_samples, "spread_sizes": args.spread_sizes,
-                   "spread_repeats": args.spread_repeats, "seed": args.seed},
+        "config": {**dataclasses.asdict(config), "num_inits": 2 * config.num_inits},
         "results": results,
         "reverse_optima_found": optima_found,
     }
-    save_metrics(args.out, metrics)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict:
+    config, args = _common.parse_config(Config, "vi_bimodal", __doc__.splitlines()[0], argv)
+    metrics = run(config, show_progress=not args.no_progress)
+    metrics["config"]["quick"] = bool(args.quick)
+    _common.save_metrics(args.out, metrics)
     _figure(metrics, args.out)
     _spread_figure(metrics, args.out)
     return metrics
@@ -299,7 +288,7 @@ def _figure(metrics, out_dir):
         ax.legend(unique.values(), unique.keys(), fontsize=7, loc="upper left")
         ax.set(title=f"a = {a:g}", xlabel="x", ylim=(0, 0.62))
     fig.tight_layout()
-    save_figure(fig, out_dir, "forward_vs_reverse")
+    _common.save_figure(fig, out_dir, "forward_vs_reverse")
 
 
 def _spread_figure(metrics, out_dir):
@@ -324,7 +313,27 @@ def _spread_figure(metrics, out_dir):
     axes[0][0].set_ylabel("estimate of KL(q‖p)")
     fig.suptitle(f"{metrics['config']['spread_repeats']} independent estimates per n", fontsize=9)
     fig.tight_layout()
-    save_figure(fig, out_dir, "estimator_spread")
+    _common.save_figure(fig, out_dir, "estimator_spread")
+
+
+def _fit_reading(metrics) -> list[str]:
+    """Per separation: whether the forward fit matched the moments and whether the reverse fit sought a mode."""
+    lines = []
+    for result, found in zip(metrics["results"], metrics["reverse_optima_found"]):
+        a, f, r = result["separation"], result["forward"], result["reverse"]
+        moment_error = abs(f["std"] / f["analytic"]["std"] - 1)
+        on_mode = abs(abs(r["mean"]) - a) < 0.25 * a
+        centred = [o for o in found["optima"][1:] if abs(o["mean"]) < 0.25 * a]
+        lines.append(
+            f"a = {a:g}: the forward fit N({f['mean']:.2f}, {f['std']:.2f}²) "
+            + (f"matches the moments (std within {moment_error:.1%} of sqrt(1 + a²)): mass covering"
+               if moment_error < 0.05 and abs(f["mean"]) < 0.1 * a else
+               f"is {moment_error:.1%} off the moment-matching std")
+            + f"; the best reverse fit N({r['mean']:.2f}, {r['std']:.2f}²) "
+            + (f"sits on one mode (KL {r['kl']:.4f}; log 2 = {math.log(2):.4f})" if on_mode else
+               f"does not sit on a mode (KL {r['kl']:.4f})")
+            + (f", with a worse centred optimum beside it (KL {centred[0]['kl']:.4f})." if centred else "."))
+    return lines
 
 
 def _spread_reading(metrics) -> str:
@@ -359,7 +368,7 @@ def report(metrics: dict, rel_dir) -> str:
         rows.append([result["separation"], f["mean"], f["std"], f["analytic"]["std"], f["kl"],
                      r["mean"], r["std"], r["kl"], f"{r['kl_mc_k1']:.4f} ± {r['kl_mc_k1_stderr']:.2g}",
                      f"{r['kl_mc_k3']:.4f} ± {r['kl_mc_k3_stderr']:.2g}"])
-    table = markdown_table(["a", "forward mean", "forward std", "moment-matching std sqrt(1+a²)",
+    table = _common.markdown_table(["a", "forward mean", "forward std", "moment-matching std sqrt(1+a²)",
                             "KL(p‖q) reached", "reverse mean", "reverse std", "KL(q‖p) reached (quadrature)",
                             "KL(q‖p), k1 check", "KL(q‖p), k3 check"], rows)
     optima = []
@@ -368,13 +377,14 @@ def report(metrics: dict, rel_dir) -> str:
                               for o in found["optima"])
         optima.append(f"- a = {found['separation']:g}: {described}")
     return (
-        "One Gaussian fitted to 0.5 N(-a, 1) + 0.5 N(a, 1). Forward KL matches moments (mass covering); "
-        f"reverse KL, from {metrics['config']['num_inits']} initialisations, seeks a mode once the modes "
-        "separate (its KL tends to log 2 = 0.6931), with a worse centred local optimum beside it.\n\n"
-        f"{table}\n\nThe Monte Carlo checks use {metrics['config']['check_samples']} samples of q. Once q sits "
+        "One Gaussian fitted to 0.5 N(-a, 1) + 0.5 N(a, 1); forward KL by stochastic gradients, reverse KL "
+        f"from {metrics['config']['num_inits']} initialisations (the best optimum reported).\n\n"
+        f"{table}\n\n**Reading** (computed from the fits):\n\n"
+        + "\n".join(f"- {line}" for line in _fit_reading(metrics))
+        + f"\n\nThe Monte Carlo checks use {metrics['config']['check_samples']} samples of q. Once q sits "
         "on one mode, k3 = (r - 1) - log r with r = p/q is unbiased (q > 0 everywhere, so E_q[r] = 1) but "
         "heavy-tailed: the other mode's mass 1/2 enters E_q[r - 1] only through rare draws of q near it, "
-        "where r is huge, so a typical estimate from too few draws reads about log 2 - 1/2 while its "
+        "where r is huge, so a typical estimate from too few draws can read about log 2 - 1/2 while its "
         "standard error looks small. The spread study "
         f"({metrics['config']['spread_repeats']} independent estimates per n) shows where that happens:\n\n"
         + _spread_reading(metrics) + "\n\n"
@@ -385,4 +395,4 @@ def report(metrics: dict, rel_dir) -> str:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    _common.run_main(main)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from experiments import ppo_kl
+from experiments import _stats, ppo_kl
 from kljax import discrete
 
 
@@ -51,13 +51,13 @@ def test_penalty_gradients_match_the_table():
 def test_welch_and_holm():
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=10), rng.normal(0.5, 2.0, size=7)
-    difference, t, p = ppo_kl.welch(a, b)
+    difference, t, p = _stats.welch(a, b)
     expected = stats.ttest_ind(a, b, equal_var=False)
     assert difference == pytest.approx(a.mean() - b.mean())
     assert t == pytest.approx(expected.statistic) and p == pytest.approx(expected.pvalue)
-    assert ppo_kl.welch([-500.0] * 3, [-500.0] * 3)[2] == 1.0
-    np.testing.assert_allclose(ppo_kl.holm([0.01, 0.04, 0.03]), [0.03, 0.06, 0.06])
-    np.testing.assert_allclose(ppo_kl.holm([0.5, float("nan")]), [1.0, 1.0])
+    assert _stats.welch([-500.0] * 3, [-500.0] * 3)[2] == 1.0
+    np.testing.assert_allclose(_stats.holm_adjusted([0.01, 0.04, 0.03]), [0.03, 0.06, 0.06])
+    np.testing.assert_allclose(_stats.holm_adjusted([0.5, float("nan")]), [1.0, 1.0])
 
 
 def test_small_run_wiring(tmp_path):

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import _transfer, distill_kl, finetune_kl
+from experiments import _data, _models, _stats, distill_kl, finetune_kl
 from kljax import discrete
 
 
@@ -92,12 +92,12 @@ def test_diagonal_fisher_closed_form_and_kl_curvature():
     np.testing.assert_allclose(fisher["b"], np.mean(probs * (1 - probs), axis=0), rtol=1e-10)
 
     # on an equinox MLP: mean KL(p_base || p_theta) = 1/2 F_i eps^2 + O(eps^3) along one coordinate
-    mlp_params, static = _transfer.init_mlps([1], 0, 6, 1)
+    mlp_params, static = _models.init_mlps([1], 0, 6, 1)
     mlp_params = jax.tree.map(lambda leaf: leaf[0].astype(jnp.float64), mlp_params)
     inputs = jax.random.uniform(jax.random.key(2), (9, 64), jnp.float64)
 
     def mlp_logits(p, z):
-        return _transfer.logits_of(p, static, z)
+        return _models.apply(p, static, z)
 
     @jax.jit
     def fisher_and_kls(p, eps):
@@ -119,7 +119,7 @@ def test_diagonal_fisher_closed_form_and_kl_curvature():
 
 
 def test_parts_have_seed_independent_shapes_and_are_disjoint():
-    a, b = _transfer.digits_parts(0, (0.4, 0.3, 0.3)), _transfer.digits_parts(1, (0.4, 0.3, 0.3))
+    a, b = _data.digits_parts(0, (0.4, 0.3, 0.3)), _data.digits_parts(1, (0.4, 0.3, 0.3))
     assert [part[0].shape for part in a] == [part[0].shape for part in b]
     assert sum(part[0].shape[0] for part in a) == 1797
     assert [np.bincount(part[1]).tolist() for part in a] == [np.bincount(part[1]).tolist() for part in b]
@@ -204,7 +204,7 @@ def test_expected_calibration_error_against_hand_computation():
 
 def test_welch_and_interval_against_scipy_by_hand():
     a, b = [0.90, 0.92, 0.95, 0.91, 0.93], [0.80, 0.85, 0.83, 0.90, 0.82]
-    mean, half = _transfer.interval(a)
+    mean, half = _stats.interval(a)
     # t_{4, 0.975} = 2.7764451
     assert mean == pytest.approx(0.922) and half == pytest.approx(2.7764451 * np.std(a, ddof=1) / np.sqrt(5))
     va, vb = np.var(a, ddof=1) / 5, np.var(b, ddof=1) / 5
@@ -212,9 +212,66 @@ def test_welch_and_interval_against_scipy_by_hand():
     dof = (va + vb) ** 2 / (va**2 / 4 + vb**2 / 4)
     import scipy.stats
 
-    assert _transfer.welch_p(a, b) == pytest.approx(2 * scipy.stats.t.sf(abs(t), dof), rel=1e-9)
-    assert "not significant" in _transfer.compare(a, a[::-1], "x", "y", "accuracy")
+    assert _stats.welch_p(a, b) == pytest.approx(2 * scipy.stats.t.sf(abs(t), dof), rel=1e-9)
+    assert "not significant" in _stats.compare(a, a[::-1], "x", "y", "accuracy")
     # Holm: sorted p against 0.05 / (m - rank), stopping at the first failure
-    assert _transfer.holm([0.01, 0.04, 0.03, float("nan")]) == [True, False, False, False]
-    assert _transfer.holm([0.03, 0.01, 0.02]) == [True, True, True]
-    assert "has higher accuracy" in _transfer.compare(a, b, "x", "y", "accuracy")
+    assert _stats.holm([0.01, 0.04, 0.03, float("nan")]) == [True, False, False, False]
+    assert _stats.holm([0.03, 0.01, 0.02]) == [True, True, True]
+    assert "has higher accuracy" in _stats.compare(a, b, "x", "y", "accuracy")
+
+
+def test_shared_statistics_against_scipy():
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=8), rng.normal(0.4, 1.5, size=8)
+    import scipy.stats
+
+    assert _stats.paired_p(a, b) == pytest.approx(scipy.stats.ttest_rel(a, b).pvalue, rel=1e-9)
+    assert _stats.one_sample_p(a, 0.3) == pytest.approx(scipy.stats.ttest_1samp(a, 0.3).pvalue, rel=1e-9)
+    assert _stats.one_sided_paired_p(a, b) == pytest.approx(
+        scipy.stats.ttest_rel(a, b, alternative="greater").pvalue, rel=1e-9)
+    # Holm's adjusted p-values: (m - rank) p, made monotone, capped at 1; NaN counts as 1
+    np.testing.assert_allclose(_stats.holm_adjusted([0.01, 0.04, 0.03]), [0.03, 0.06, 0.06])
+    np.testing.assert_allclose(_stats.holm_adjusted([0.5, float("nan")]), [1.0, 1.0])
+    # samples without spread: defined answers instead of NaN
+    assert _stats.welch([-500.0] * 3, [-500.0] * 3)[2] == 1.0 and _stats.welch([1.0] * 3, [2.0] * 3)[2] == 0.0
+    assert _stats.paired_p([1.0, 2.0], [1.0, 2.0]) == 1.0 and _stats.one_sample_p([2.0, 2.0], 2.0) == 1.0
+    assert "paired t-test" in _stats.compare(a, b, "x", "y", "score", paired=True)
+
+
+def test_shared_training_loop_matches_a_hand_written_adam_loop():
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from experiments import _train
+
+    target = jnp.array([1.0, -2.0, 0.5])
+    loss = lambda p, k: jnp.sum((p - target - 0.1 * jax.random.normal(k, p.shape)) ** 2)
+    optimizer = optax.adam(optax.cosine_decay_schedule(0.1, 10, 0.01))
+    start, key = jnp.zeros(3), jax.random.key(0)
+    params, state, by_hand = start, optimizer.init(start), []
+    for k in jax.random.split(key, 10):
+        grads = jax.grad(loss)(params, k)
+        updates, state = optimizer.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        by_hand.append(params)
+    final, path = _train.fit_in_chunks(start, loss, optimizer, key, 10, trace="params", desc="test")
+    np.testing.assert_allclose(path, np.stack(by_hand), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_train.fit(start, loss, optimizer=optimizer, xs=jax.random.split(key, 10)), final,
+                               rtol=1e-5, atol=1e-6)
+    assert _train.chunk_size(1000) == 250 and _train.chunk_size(600) == 200
+
+
+def test_models_hold_the_given_weights():
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    layers = [(rng.normal(size=(5, 3)), rng.normal(size=5)), (rng.normal(size=(2, 5)), rng.normal(size=2))]
+    params, static = _models.from_layers(layers, jnp.tanh)
+    x = rng.normal(size=(4, 3))
+    expected = np.tanh(x @ layers[0][0].T + layers[0][1]) @ layers[1][0].T + layers[1][1]
+    np.testing.assert_allclose(_models.apply(params, static, jnp.asarray(x)), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_models.network(params, jnp.tanh)(jnp.asarray(x[0])), expected[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="one width"):
+        _models.from_layers([(np.ones((5, 3)), np.ones(5)), (np.ones((4, 5)), np.ones(4)),
+                             (np.ones((2, 4)), np.ones(2))])

@@ -375,7 +375,7 @@ def test_vae_stl_term_has_the_value_of_k1_and_its_expected_gradient():
     values = jax.jit(jax.vmap(lambda k: elbo(params, k, "stl") - elbo(params, k, "monte_carlo_k1")))(keys)
     assert np.abs(np.asarray(values)).max() < 1e-12
     grad = lambda term: jax.jit(jax.vmap(lambda k: jax.grad(elbo)(params, k, term)))(keys)
-    stl, k1 = grad("stl")["encoder"][1]["b"], grad("monte_carlo_k1")["encoder"][1]["b"]
+    stl, k1 = grad("stl")["encoder"].layers[1].bias, grad("monte_carlo_k1")["encoder"].layers[1].bias
     difference = np.asarray(stl - k1)
     stderr = difference.std(axis=0, ddof=1) / math.sqrt(difference.shape[0])
     np.testing.assert_array_less(np.abs(difference.mean(axis=0)), 5 * stderr + 1e-12)
