@@ -32,9 +32,10 @@ Design (why, not what):
 * **Ties** are broken by the smaller reference index, which is what a stable ``argsort`` of the
   exact distances gives: candidates are sorted by (exact distance, index), and a tie at the k-th
   distance with a non-candidate fails the certificate and goes to the exact fallback.
-* **k-d tree.** ``method="kdtree"`` calls SciPy's ``cKDTree`` through ``jax.pure_callback`` for the
-  candidate indices only; the distances are recomputed and sorted in JAX exactly as on the brute
-  path, so both paths return the same numbers and gradients flow through the distances.
+* **k-d tree.** ``method="kdtree"`` calls a k-d tree through ``jax.pure_callback`` for the
+  candidate indices only: pykdtree's when it is installed (optional, Euclidean; faster to build and
+  query than SciPy's at d <= 6), SciPy's ``cKDTree`` otherwise and for the Chebyshev metric; the
+  distances are recomputed and sorted in JAX exactly as on the brute path, so both paths return the same numbers and gradients flow through the distances.
 * **Metrics.** ``metric="chebyshev"`` (max-norm, for the KSG mutual information) keys the tiles
   with ``max_c (q_c - r_c)^2`` (no Gram form: the max has no matmul), whose square root is
   ``max_c |q_c - r_c|`` exactly; the certificate, the fallback, the refinement and the sharded
@@ -470,12 +471,26 @@ def refine(queries, refs, candidates, k, *, exclude_self, query_offset=0, ref_of
 # ------------------------------------------------------------------------------------------------
 
 
-def _kdtree_host(queries: np.ndarray, refs: np.ndarray, k: int, metric: str = "euclidean") -> np.ndarray:
-    """Indices of the ``k`` nearest ``refs`` of every query, ordered by (distance, index), via cKDTree.
+def _pykdtree():
+    """pykdtree's ``KDTree`` when installed (an optional, faster CPU tree), else None."""
+    try:
+        from pykdtree.kdtree import KDTree
+    except ImportError:
+        return None
+    return KDTree
 
-    The tree ranks by float64 distances; rows where some of the ``k + 1`` nearest are tied are
-    re-sorted by index, and a tie between the k-th and the next is resolved with a ball query, so
-    that ties go to the smaller index as on the brute path.
+
+def _kdtree_host(queries: np.ndarray, refs: np.ndarray, k: int, metric: str = "euclidean",
+                 backend: str = "auto") -> np.ndarray:
+    """Indices of the ``k`` nearest ``refs`` of every query via a k-d tree (as a set: the order is fixed in JAX).
+
+    The tree is pykdtree's (Euclidean, when installed) or SciPy's cKDTree (otherwise, and always
+    for the Chebyshev metric). For float32 data pykdtree ranks in float32 and each row is certified
+    against float32 rounding (rows that are not are redone in float64); otherwise the ranking is in
+    float64 (``backend="float64"``: pykdtree or cKDTree in float64; ``"scipy"``: cKDTree only). Rows
+    where some of the ``k + 1`` nearest are tied are re-sorted by index, and a tie between the k-th
+    and the next is resolved with a ball query (cKDTree), so that ties go to the smaller index as
+    on the brute path.
     """
     from scipy.spatial import cKDTree
 
@@ -487,12 +502,34 @@ def _kdtree_host(queries: np.ndarray, refs: np.ndarray, k: int, metric: str = "e
         refs = np.where(np.isfinite(refs), refs, 0.0)
     m = refs.shape[0]
     probe = min(k + 1, m)
-    # balanced_tree=False (sliding midpoint) builds in about half the time and queries as fast.
-    tree = cKDTree(refs, balanced_tree=False, compact_nodes=False)
     p = np.inf if metric == "chebyshev" else 2.0
-    distances, index = tree.query(queries, probe, p=p, workers=-1)
-    distances = distances.reshape(len(queries), probe)
-    index = index.reshape(len(queries), probe)
+    fast = _pykdtree() if backend in ("auto", "float64") and metric == "euclidean" else None
+    tree = None
+    both_float32 = refs.dtype == np.float32 and queries.dtype == np.float32
+    if backend == "auto" and fast is not None and both_float32 and probe > k:
+        # pykdtree ranks in the data's float32; a row is certified when its k-th and (k+1)-th
+        # float32 distances are apart by more than their rounding (relative (d + 2) eps each, with
+        # a margin of 4), so that the first k are the exact first k as a set (the order is fixed
+        # in JAX from exact distances). Other rows (ties, near ties) are redone in float64 below.
+        distances, index = fast(np.ascontiguousarray(refs)).query(np.ascontiguousarray(queries), k=probe)
+        distances = np.asarray(distances, np.float64).reshape(len(queries), probe)
+        index = np.asarray(index, np.int64).reshape(len(queries), probe)
+        slack = 4.0 * (refs.shape[1] + 2) * float(np.finfo(np.float32).eps)
+        uncertain = np.flatnonzero(distances[:, k - 1] * (1 + slack) >= distances[:, k] * (1 - slack))
+        if uncertain.size:
+            index[uncertain, :k] = _kdtree_host(queries[uncertain], refs, k, metric, backend="float64")[:, :k]
+        return index[:, :k].astype(np.int32)
+    if fast is not None:
+        distances, index = fast(np.ascontiguousarray(refs, dtype=np.float64)).query(
+            np.ascontiguousarray(queries, dtype=np.float64), k=probe)
+        distances = np.asarray(distances, np.float64).reshape(len(queries), probe)
+        index = np.asarray(index, np.int64).reshape(len(queries), probe)
+    else:
+        # balanced_tree=False (sliding midpoint) builds in about half the time and queries as fast.
+        tree = cKDTree(refs, balanced_tree=False, compact_nodes=False)
+        distances, index = tree.query(queries, probe, p=p, workers=-1)
+        distances = distances.reshape(len(queries), probe)
+        index = index.reshape(len(queries), probe)
     tied = np.flatnonzero(np.any(distances[:, 1:] == distances[:, :-1], axis=1))
     if tied.size:
         order = np.lexsort((index[tied], distances[tied]), axis=1)
@@ -500,6 +537,8 @@ def _kdtree_host(queries: np.ndarray, refs: np.ndarray, k: int, metric: str = "e
         index[tied] = np.take_along_axis(index[tied], order, axis=1)
     if probe > k:
         for row in np.flatnonzero(distances[:, k] <= distances[:, k - 1]):
+            if tree is None:
+                tree = cKDTree(refs, balanced_tree=False, compact_nodes=False)
             radius = distances[row, k - 1]
             inside = np.asarray(tree.query_ball_point(queries[row], radius * (1 + 1e-12) + 1e-300,
                                                       p=p), dtype=np.int64)

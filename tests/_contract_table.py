@@ -430,6 +430,8 @@ row("knn.mutual_information", ("knn.mutual_information",), lambda x, y: knn.mutu
 # (likewise for mutual information), all of which the row checks. vmap == loop holds to 1e-3, not the
 # table's 1e-6: the quadratic classifier's damped Newton fit (a line search, then a stopping test)
 # amplifies the different rounding of batched and unbatched float32 kernels (measured: 2e-5 to 7e-4).
+# Mutual information telescopes through three such fits (12 points per fold, nearly separable) and
+# holds to 1e-2 (measured: 1.2e-3 on an estimate of -0.002 nats).
 
 row("ratio.kl_with_diagnostics", ("ratio.kl", "ratio.kl_with_stderr", "ratio.kl_with_diagnostics"),
     lambda x, y: ratio.kl_with_diagnostics(KEY, x, y, num_steps=20),
@@ -439,7 +441,7 @@ row("ratio.mutual_information_with_diagnostics",
     ("ratio.mutual_information", "ratio.mutual_information_with_stderr", "ratio.mutual_information_with_diagnostics"),
     lambda x, y: ratio.mutual_information_with_diagnostics(KEY, x, y, num_steps=20),
     lambda dtype, rng: {"x": _normal(rng, (60, 2), dtype), "y": _normal(rng, (60, 3), dtype)},
-    corrupt("x y", "nan +inf"), slow=ALL, vmap_rtol=1e-3)
+    corrupt("x y", "nan +inf"), slow=ALL, vmap_rtol=1e-2)
 
 
 # --------------------------------------------------------------------------------------------------

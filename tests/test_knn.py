@@ -5,7 +5,6 @@ Truths: the ``universal-divergence`` package (WKV 2009, fixed and adaptive k), c
 entropies of Gaussians (Monte Carlo tolerance from the spread over seeds), finite differences.
 """
 
-import functools
 import inspect
 import math
 
@@ -301,16 +300,19 @@ def test_discrete_data_are_refused_naming_the_sample():
 # ------------------------------------------------------------------------------------------------
 
 
+def _deletions(a):
+    """(N, N - 1, ...) stack of ``a`` without each of its N rows in turn."""
+    return np.stack([np.delete(a, j, 0) for j in range(a.shape[0])])
+
+
 @pytest.mark.parametrize("estimator, k", [("wkv", 2), ("weighted", 1)])
 def test_stderr_is_the_delete_one_jackknife(estimator, k):
-    # Truth: the jackknife from n + m explicit re-estimates without one point.
+    # Truth: the jackknife from n + m explicit re-estimates without one point (batched calls).
     x, y = normal(46, 40, 2), normal(47, 33, 2) * 1.3
     estimate, stderr = knn.kl_with_stderr(x, y, k=k, estimator=estimator, method="brute")
     assert float(estimate) == pytest.approx(float(knn.kl(x, y, k=k, estimator=estimator)), rel=1e-12)
-    without_x = np.array([float(knn.kl(np.delete(x, j, 0), y, k=k, estimator=estimator))
-                          for j in range(40)])
-    without_y = np.array([float(knn.kl(x, np.delete(y, j, 0), k=k, estimator=estimator))
-                          for j in range(33)])
+    without_x = np.asarray(knn.kl(_deletions(x), np.broadcast_to(y, (40, 33, 2)), k=k, estimator=estimator))
+    without_y = np.asarray(knn.kl(np.broadcast_to(x, (33, 40, 2)), _deletions(y), k=k, estimator=estimator))
     variance = (39 / 40 * np.sum((without_x - without_x.mean()) ** 2)
                 + 32 / 33 * np.sum((without_y - without_y.mean()) ** 2))
     assert float(stderr) == pytest.approx(math.sqrt(variance), rel=1e-9)
@@ -319,17 +321,38 @@ def test_stderr_is_the_delete_one_jackknife(estimator, k):
 def test_entropy_stderr_is_the_delete_one_jackknife_and_batches():
     x = normal(48, 3, 35, 3)
     estimate, stderr = knn.entropy_with_stderr(x, k=2)
+    without = np.asarray(knn.entropy(np.stack([_deletions(x[b]) for b in range(3)]), k=2))  # (3, 35)
     for b in range(3):
-        without = np.array([float(knn.entropy(np.delete(x[b], j, 0), k=2)) for j in range(35)])
-        assert float(stderr[b]) == pytest.approx(math.sqrt(34 / 35 * np.sum((without - without.mean()) ** 2)),
-                                                 rel=1e-9)
-        assert float(estimate[b]) == pytest.approx(float(knn.entropy(x[b], k=2)), rel=1e-12)
+        assert float(stderr[b]) == pytest.approx(
+            math.sqrt(34 / 35 * np.sum((without[b] - without[b].mean()) ** 2)), rel=1e-9)
+    np.testing.assert_allclose(np.asarray(estimate), np.asarray(knn.entropy(x, k=2)), rtol=1e-12)
     vmapped = jax.jit(jax.vmap(lambda a: knn.entropy_with_stderr(a, k=2, method="brute")))(x)
     np.testing.assert_allclose(np.asarray(vmapped), np.asarray((estimate, stderr)), rtol=1e-12)
     with pytest.raises(ValueError, match="wkv_adaptive"):
         knn.kl_with_stderr(x[0], x[1], estimator="wkv_adaptive")
     with pytest.raises(ValueError, match="at least 3 points"):
         knn.entropy_with_stderr(x[0, :2])
+
+
+def test_study_estimates_equal_the_public_ones_and_candidates_are_what_they_say():
+    # experiments.knn_accuracy computes every estimator from one pair of searches (knn._kl_study).
+    # (the shapes of test_selected_is_weighted_or_wkv_by_estimated_mean_squared_error: compiled once)
+    x, y = normal(70, 300, 2), normal(71, 300, 2) * 1.3 + 0.4
+    study = jax.jit(knn._kl_study)(x, y)
+    assert set(study) == {"wkv", "weighted", "selected"} | set(knn._STUDY_CANDIDATES)
+    for name in ("wkv", "weighted", "selected"):
+        np.testing.assert_allclose(np.asarray(study[name]), np.asarray(knn.kl_with_stderr(x, y, estimator=name)),
+                                   rtol=1e-12)
+    # "shrunk" lies between WKV and the weighted estimate
+    wkv, weighted, shrunk = (float(study[name][0]) for name in ("wkv", "weighted", "shrunk"))
+    assert min(wkv, weighted) - 1e-12 <= shrunk <= max(wkv, weighted) + 1e-12
+    # the whitened candidates are the estimators on the pooled-whitened samples
+    pooled = np.concatenate([x, y])
+    tril = np.linalg.cholesky(np.cov(pooled.T))
+    white_x, white_y = (np.linalg.solve(tril, (a - pooled.mean(0)).T).T for a in (x, y))
+    for name, public in (("wkv_whitened", "wkv"), ("selected_whitened", "selected")):
+        np.testing.assert_allclose(np.asarray(study[name]),
+                                   np.asarray(knn.kl_with_stderr(white_x, white_y, estimator=public)), rtol=1e-6)
 
 
 @pytest.mark.slow
@@ -407,18 +430,22 @@ def test_mutual_information_of_correlated_gaussians_batched_and_jitted():
     assert np.isnan(float(jax.jit(knn.mutual_information)(bad, y[0])))
 
 
-@pytest.mark.parametrize("method", ["brute", "kdtree"])
-def test_non_finite_samples_give_nan_under_jit(method):
-    # The neighbour search now returns NaN distances for them; the estimates must stay NaN too.
+def test_non_finite_samples_give_nan_under_jit():
+    # The neighbour search returns NaN distances for them (both backends: tests/test_knn_search.py);
+    # every estimate must stay NaN too. One compiled function per backend holds all estimators.
     x, y = normal(27, 40, 2), normal(28, 30, 2)
     bad_x, bad_y = x.copy(), y.copy()
     bad_x[4, 0], bad_y[9, 1] = np.nan, np.inf
-    estimators = [jax.jit(functools.partial(knn.kl, estimator=estimator, method=method))
-                  for estimator in knn.ESTIMATORS]
-    estimators.append(jax.jit(functools.partial(knn.cross_entropy, method=method)))
-    for estimate in estimators:  # each compiled once, for both inputs
-        assert np.isnan(float(estimate(bad_x, y))) and np.isnan(float(estimate(x, bad_y)))
-    assert np.isnan(float(jax.jit(functools.partial(knn.entropy, method=method))(bad_x)))
+    for method, estimators in (("brute", knn.ESTIMATORS), ("kdtree", ("wkv",))):
+        def every(a, b):
+            return ([knn.kl(a, b, estimator=estimator, method=method) for estimator in estimators]
+                    + [knn.cross_entropy(a, b, method=method), knn.entropy(a, method=method)])
+
+        every = jax.jit(every)
+        for a, b in ((bad_x, y), (x, bad_y)):
+            values = np.asarray(every(a, b))
+            assert np.all(np.isnan(values[:-1])), (method, values)
+        assert np.isnan(float(every(bad_x, y)[-1])) and np.isfinite(float(every(x, bad_y)[-1]))
 
 
 def test_errors():

@@ -56,9 +56,9 @@ def assert_matches_numpy(result, expected):
 # ------------------------------------------------------------------------------------------------
 
 
-# d = 2: tiles of squared differences; d = 12, 20: Gram pre-selection, certification, fallback.
-@pytest.mark.parametrize("d, block_size, k", [(2, None, 1), (2, 32, 5), (12, None, 5), (12, 32, 1),
-                                              (20, None, 1), (20, 32, 5)])
+# d = 2: tiles of squared differences; d = 12, 20: Gram pre-selection, certification, fallback
+# (one tile and several, k = 1 (argmin) and k = 5).
+@pytest.mark.parametrize("d, block_size, k", [(2, None, 1), (2, 32, 5), (12, None, 5), (20, 32, 1)])
 def test_matches_numpy_brute_force(d, block_size, k):
     queries, refs = normal(0, 70, d), normal(1, 133, d)  # neither divisible by the block
     assert_matches_numpy(neighbors(queries, refs, k, block_size=block_size, method="brute"),
@@ -130,7 +130,7 @@ def test_matmul_form_would_fail_far_from_origin():
 def test_tiled_equals_dense_for_every_block_size():
     queries, refs = normal(9, 45, 3), normal(10, 101, 3)
     dense = neighbors(queries, refs, 7, method="brute")
-    for block_size in (1, 7, 44):  # tiles (1, 4), (1, 26), (15, 101): padding and several tiles
+    for block_size in (1, 44):  # tiles (1, 4), (15, 101): padding and several tiles
         assert_same(neighbors(queries, refs, 7, block_size=block_size, method="brute"), dense)
     dense_self = neighbors(refs, refs, 3, exclude_self=True, method="brute")
     for block_size in (9,):
@@ -156,6 +156,28 @@ def test_kdtree_equals_brute(d, k):
     assert_same(neighbors(queries, refs, k, method="kdtree"), neighbors(queries, refs, k, method="brute"))
     assert_same(neighbors(refs, refs, 2, exclude_self=True, method="kdtree"),
                 neighbors(refs, refs, 2, exclude_self=True, method="brute"))
+    if d == 1:  # float32 on the pykdtree path (float32 ranking, certified rows) as on the brute path
+        q32, r32 = queries.astype(np.float32) + np.float32(1e3), refs.astype(np.float32) + np.float32(1e3)
+        assert_same(neighbors(q32, r32, k, method="kdtree"), neighbors(q32, r32, k, method="brute"))
+
+
+@pytest.mark.parametrize("tree", ["pykdtree", "scipy"])
+def test_kdtree_host_returns_the_exact_k_nearest(tree, monkeypatch):
+    # The host side of the k-d tree path returns the exact k nearest as a set (ties to the smaller
+    # index), with pykdtree (float32: its float32 ranking plus a certificate, near ties redone in
+    # float64) and with SciPy's cKDTree (pykdtree not installed), on continuous and tied data.
+    if tree == "pykdtree":
+        pytest.importorskip("pykdtree")
+    else:
+        monkeypatch.setattr(_knn_search, "_pykdtree", lambda: None)
+    cases = [(normal(20, 300, 1), normal(21, 500, 1)), (grid_points(22, 100, 2), grid_points(23, 300, 2)),
+             (normal(24, 300, 3) + 1e4, normal(25, 500, 3) + 1e4), (normal(26, 200, 6), normal(27, 400, 6))]
+    for queries, refs in cases:
+        for dtype in (np.float32, np.float64):
+            q, r = queries.astype(dtype), refs.astype(dtype)
+            for k in (1, 5):
+                got = np.sort(_knn_search._kdtree_host(q, r, k), axis=1)
+                np.testing.assert_array_equal(got, np.sort(brute_force(q, r, k)[1], axis=1))
 
 
 def test_exclude_self_drops_own_index_but_keeps_duplicates():
@@ -393,9 +415,9 @@ def assert_unknown_rows(result, refs_rows, unknown, expected):
 
 
 # d = 2: difference tiles; d = 8: Gram pre-selection (centred on the reference mean, which a NaN
-# reference poisons); block_size=4: many tiles, so the NaN sits in one of several (brute path only).
-@pytest.mark.parametrize("method, d, block_size", [("brute", 2, None), ("brute", 2, 4), ("brute", 8, 4),
-                                                   ("kdtree", 2, None), ("kdtree", 8, None)])
+# reference poisons); block_size=4: many tiles, so the NaN sits in one of several (brute path only;
+# one tile is the special case). The k-d tree's host code does not depend on d.
+@pytest.mark.parametrize("method, d, block_size", [("brute", 2, 4), ("brute", 8, 4), ("kdtree", 2, None)])
 def test_non_finite_points_give_nan_distances_under_jit(method, d, block_size):
     queries, refs = normal(30, 20, d), normal(31, 30, d)
     search = jax.jit(lambda q, r: neighbors(q, r, 3, method=method, block_size=block_size))
