@@ -40,16 +40,6 @@ def parser(name: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
-def scaled_config(args: argparse.Namespace, quick: dict, full: dict) -> dict:
-    """The ``quick`` or ``full`` settings (by ``args.quick``), each overridden by the parsed flag of
-    the same name when it was given (not None)."""
-    config = dict(quick if args.quick else full)
-    for name in config:
-        if getattr(args, name, None) is not None:
-            config[name] = getattr(args, name)
-    return config
-
-
 def float_list(text: str) -> list[float]:
     """argparse type for comma-separated numbers: ``"1,0.5,0"`` -> ``[1.0, 0.5, 0.0]``."""
     try:

@@ -553,16 +553,24 @@ def _drift_xy(dtype, rng):
 
 # k = 1: a duplicated point (2 copies) makes the statistic undefined only for k < 2
 row("drift.kl_permutation_test[knn]", ("drift.kl_permutation_test", "drift.permutation_test"),
-    lambda x, y: drift.kl_permutation_test(KEY, x, y, num_permutations=7, k=1), _drift_xy,
+    lambda x, y: drift.kl_permutation_test(KEY, x, y, estimator="knn", num_permutations=7, k=1), _drift_xy,
     corrupt("x y", "nan +inf") + (Corruption("x", "duplicate_row"),), (ShapeError("y"),), slow=ALL)
 row("drift.kl_permutation_test[knn,symmetric]", ("drift.kl_permutation_test",),
-    lambda x, y: drift.kl_permutation_test(KEY, x, y, num_permutations=7, symmetric=True), _drift_xy,
+    lambda x, y: drift.kl_permutation_test(KEY, x, y, estimator="knn", num_permutations=7, symmetric=True),
+    _drift_xy,
     corrupt("x y", "nan +inf"), (ShapeError("y"),), slow=ALL)
 row("drift.kl_permutation_test[knn,weighted]", ("drift.kl_permutation_test",),
-    lambda x, y: drift.kl_permutation_test(KEY, x, y, num_permutations=3, k=1, knn_estimator="weighted"), _drift_xy,
+    lambda x, y: drift.kl_permutation_test(KEY, x, y, estimator="knn", num_permutations=3, k=1,
+                                           knn_estimator="weighted"), _drift_xy,
     corrupt("x y", "nan") + (Corruption("x", "duplicate_row"),), slow=ALL)
 row("drift.kl_permutation_test[energy]", ("drift.kl_permutation_test",),
     lambda x, y: drift.kl_permutation_test(KEY, x, y, estimator="energy", num_permutations=7), _drift_xy,
+    corrupt("x y", "nan +inf"), (ShapeError("y"),), slow=ALL)
+row("drift.kl_permutation_test[classifier]", ("drift.kl_permutation_test",),
+    lambda x, y: drift.kl_permutation_test(KEY, x, y, estimator="classifier", num_permutations=7), _drift_xy,
+    corrupt("x y", "nan +inf"), (ShapeError("y"),), slow=ALL)
+row("drift.kl_permutation_test[gaussian]", ("drift.kl_permutation_test",),
+    lambda x, y: drift.kl_permutation_test(KEY, x, y, estimator="gaussian", num_permutations=7), _drift_xy,
     corrupt("x y", "nan +inf"), (ShapeError("y"),), slow=ALL)
 row("drift.energy_distance", ("drift.energy_distance",), drift.energy_distance, _drift_xy,
     corrupt("x y", "nan +inf"), (ShapeError("y"),))
@@ -638,6 +646,8 @@ NOT_ESTIMATORS = {
     "drift.HistogramKL": "a statistic value (frozen dataclass): exercised by the kl_permutation_test rows",
     "drift.CategoricalKL": "a statistic value (frozen dataclass) of category codes; tested in test_drift.py",
     "drift.EnergyDistance": "a statistic value (frozen dataclass): exercised by the energy rows",
+    "drift.ClassifierKL": "a statistic value (frozen dataclass): exercised by the classifier rows",
+    "drift.GaussianKL": "a statistic value (frozen dataclass): exercised by the gaussian rows",
     "drift.expected_windows_to_false_alarm": "a formula of two Python options (alpha, consecutive), no arrays",
     **{f"plot.{name}": "draws a figure or summarises repeats with NumPy (tests/test_plot.py)" for name in plot.__all__},
     "ratio.KL_METHODS": "a tuple of names",

@@ -14,10 +14,13 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from kljax import discrete, knn
+from kljax import discrete, drift, knn
 from kljax.drift import (
     CategoricalKL,
+    ClassifierKL,
     DriftMonitor,
+    GaussianKL,
+    HistogramKL,
     KnnKL,
     adjust_p_values,
     energy_distance,
@@ -238,7 +241,12 @@ def test_bad_input_raises_eagerly():
     with pytest.raises(TypeError, match="floating"):
         kl_permutation_test(key, jnp.zeros((10, 2), int), y)
     with pytest.raises(ValueError, match="`k`=3"):
-        kl_permutation_test(key, x, y[:2], k=3)
+        kl_permutation_test(key, x, y[:2], estimator="knn", k=3)
+    # kNN-only options with another statistic are refused, never silently ignored
+    for options in ({"estimator": "gaussian", "k": 3}, {"estimator": "energy", "knn_estimator": "weighted"},
+                    {"estimator": "classifier", "k": 5}):
+        with pytest.raises(ValueError, match="applies to estimator='knn' only"):
+            kl_permutation_test(key, x, y, **options)
     with pytest.raises(ValueError, match="non-decreasing"):
         kl_permutation_test(key, x, y, estimator="histogram", edges=jnp.array([[0.0, 1.0, 0.5]] * 2))
     with pytest.raises(ValueError, match="`edges` has 3 rows"):
@@ -547,7 +555,7 @@ def test_knn_statistic_scores_float32_rounding_ties_like_knn_kl():
     pooled = np.concatenate([np.asarray(x), np.asarray(y)])
     _, inverse, counts = np.unique(pooled, axis=0, return_inverse=True, return_counts=True)
     assert 0 < np.mean(counts[inverse.reshape(-1)] > 1) <= 0.1
-    statistic, p_value = kl_permutation_test(jax.random.key(1), x, y, k=3, num_permutations=49)
+    statistic, p_value = kl_permutation_test(jax.random.key(1), x, y, estimator="knn", k=3, num_permutations=49)
     assert np.isfinite(statistic) and 0 < p_value <= 1
     np.testing.assert_allclose(statistic, knn.kl(x, y, k=3, estimator="wkv"), rtol=1e-5)
     # the identity relabelling through the neighbour lists gives the observed value
@@ -561,7 +569,128 @@ def test_knn_statistic_refuses_discrete_data_naming_both_samples():
     x = jnp.asarray(np.repeat(np.arange(10.0), 5)[:, None])
     y = jnp.asarray(np.repeat(np.arange(10.0), 3)[:, None])
     with pytest.raises(ValueError, match="`x` and `y` look discrete"):
-        kl_permutation_test(jax.random.key(0), x, y, k=3, num_permutations=9)
+        kl_permutation_test(jax.random.key(0), x, y, estimator="knn", k=3, num_permutations=9)
     statistic, p_value = jax.jit(lambda x, y: kl_permutation_test(
-        jax.random.key(0), x, y, k=3, num_permutations=9))(x, y)
+        jax.random.key(0), x, y, estimator="knn", k=3, num_permutations=9))(x, y)
     assert np.isnan(statistic) and np.isnan(p_value)
+
+
+# ------------------------------------------------------------------------------------------------
+# The classifier and Gaussian KL statistics; ties of a constant statistic
+
+
+def _scipy_classifier_logits(x, y, penalty, features):
+    """ClassifierKL by SciPy: the class-balanced penalised logistic fit on the even rows of x and y
+    (features standardised on those rows), evaluated on the odd rows."""
+    import scipy.optimize
+
+    def phi(z):
+        return z if features == "linear" else np.concatenate([z, z ** 2], axis=1)
+
+    train = np.concatenate([x[0::2], y[0::2]])
+    mean, std = phi(train).mean(0), phi(train).std(0)
+    std[std == 0] = 1
+
+    def design(z):
+        return np.column_stack([np.ones(len(z)), (phi(z) - mean) / std])
+
+    label = np.r_[np.ones(len(x[0::2])), np.zeros(len(y[0::2]))]
+    weight = np.where(label > 0, 0.5 / len(x[0::2]), 0.5 / len(y[0::2]))
+    matrix, sign = design(train), 2 * label - 1
+
+    def objective(beta):
+        return np.sum(weight * np.logaddexp(0, -sign * (matrix @ beta))) + 0.5 * penalty * np.sum(beta[1:] ** 2)
+
+    def gradient(beta):
+        grad = matrix.T @ (weight * (scipy.special.expit(matrix @ beta) - label))
+        grad[1:] += penalty * beta[1:]
+        return grad
+
+    beta = scipy.optimize.minimize(objective, np.zeros(matrix.shape[1]), jac=gradient, method="BFGS",
+                                   options={"gtol": 1e-13, "maxiter": 10_000}).x
+    return design(x[1::2]) @ beta, design(y[1::2]) @ beta
+
+
+def test_classifier_statistic_matches_scipy_and_permutes_only_held_out_rows():
+    import scipy.special  # noqa: F401  (used by the helper)
+
+    x, y = _samples(40, shift=0.3)
+    x, y = np.asarray(x), np.asarray(y)
+    for features in ("linear", "diagonal"):
+        statistic = ClassifierKL(features, penalty=0.05)
+        value, p_value = permutation_test(jax.random.key(5), statistic, x, y, num_permutations=B)
+        logits_x, logits_y = _scipy_classifier_logits(x, y, 0.05, features)
+        np.testing.assert_allclose(float(value), np.mean(logits_x), rtol=1e-6)
+        # the p-value: the held-out rows (odd rows of x and y) re-labelled with the classifier fixed
+        held = np.r_[np.arange(1, N, 2), N + np.arange(1, M, 2)]
+        logits = np.r_[logits_x, logits_y]
+        observed = np.arange(N + M) < N
+        exceed = 0
+        for b in range(1, B + 1):
+            order = np.asarray(jax.random.permutation(jax.random.fold_in(jax.random.key(5), b), held.size))
+            labels = observed[held][order]
+            exceed += np.mean(logits[labels]) >= np.mean(logits_x) - 1e-9
+        assert float(p_value) == pytest.approx((1 + exceed) / (1 + B), abs=1e-12)
+    # the automatic features: quadratic when few, then diagonal, then linear
+    assert [ClassifierKL().features(d, 400) for d in (2, 10, 50, 150)] == ["quadratic", "quadratic", "diagonal",
+                                                                             "linear"]
+    with pytest.raises(ValueError, match="`model`"):
+        ClassifierKL("cubic")
+    with pytest.raises(ValueError, match="`penalty`"):
+        permutation_test(jax.random.key(0), ClassifierKL(penalty=-1.0), x, y)
+    with pytest.raises(ValueError, match="`y` needs at least 2 rows"):
+        permutation_test(jax.random.key(0), ClassifierKL(), x, y[:1])
+
+
+def _numpy_gaussian_kl(x, y, ridge, symmetric):
+    z = np.concatenate([x, y]).reshape(len(x) + len(y), -1)
+    z = (z - z.mean(0)) / z.std(0)
+    a, b = z[:len(x)], z[len(x):]
+    d = z.shape[1]
+    moments = [(part.mean(0), np.cov(part.T, bias=True).reshape(d, d) + ridge * np.eye(d)) for part in (a, b)]
+
+    def kl(first, second):
+        (m0, s0), (m1, s1) = first, second
+        return 0.5 * (np.trace(np.linalg.solve(s1, s0)) + (m1 - m0) @ np.linalg.solve(s1, m1 - m0) - d
+                      + np.linalg.slogdet(s1)[1] - np.linalg.slogdet(s0)[1])
+
+    return kl(*moments) + (kl(*moments[::-1]) if symmetric else 0.0)
+
+
+def test_gaussian_statistic_and_p_value_match_numpy_brute_force():
+    x, y = _samples(41, shift=0.3)
+    x = x * jnp.asarray([[1.0, 1.4]])
+    for symmetric in (True, False):
+        value, p_value = permutation_test(jax.random.key(6), GaussianKL(symmetric), x, y, num_permutations=B)
+        expected, expected_p = _brute_force_p_value(
+            jax.random.key(6), x, y, lambda a, b: _numpy_gaussian_kl(a, b, D / M, symmetric), B)
+        np.testing.assert_allclose(float(value), expected, rtol=1e-9)
+        assert float(p_value) == pytest.approx(expected_p, abs=1e-12)
+    # exact for Gaussians: D(N(0, 1) || N(0, 4)) = (1/4 - 1 + log 4) / 2 with no shrinkage, in 1-D
+    big = np.random.default_rng(7)
+    value = drift._statistic_only(GaussianKL(False, 1e-12), jnp.asarray(big.normal(size=20_000)),
+                                  jnp.asarray(2 * big.normal(size=20_000)))
+    assert float(value) == pytest.approx((0.25 - 1 + math.log(4)) / 2, abs=0.02)
+    with pytest.raises(ValueError, match="`shrinkage`"):
+        permutation_test(jax.random.key(0), GaussianKL(shrinkage=0.0), x, y)
+
+
+def test_a_constant_statistic_of_many_features_has_p_value_one_in_float32():
+    # 64 constant features: every re-split ties the observed histogram KL, but the batched and the single
+    # evaluation differ in the last bits (4.6 eps); a 4 eps tie tolerance gave p = 1 / (B + 1) everywhere.
+    x, y = jnp.full((539, 64), 0.3, jnp.float32), jnp.full((100, 64), 0.3, jnp.float32)
+    edges = jnp.asarray(np.tile(np.linspace(0.0, 1.0, 9), (64, 1)), jnp.float32)
+    _, p_value = permutation_test(jax.random.key(0), HistogramKL(edges=edges), x, y, num_permutations=99)
+    assert np.all(np.asarray(p_value) == 1.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("estimator", ["classifier", "gaussian"])
+def test_classifier_and_gaussian_p_values_are_uniform_under_the_null(estimator):
+    num_seeds = 1000
+    p_values = np.asarray(_p_values_over_seeds(0.0, estimator=estimator, num_seeds=num_seeds))
+    for level in (0.05, 0.1, 0.5):
+        rate = np.mean(p_values <= level + 1e-9)
+        assert abs(rate - level) <= 4 * math.sqrt(level * (1 - level) / num_seeds), (level, rate)
+    p_values = np.asarray(_p_values_over_seeds(1.5, estimator=estimator, num_seeds=num_seeds))
+    assert np.mean(p_values <= 0.05) >= 0.95

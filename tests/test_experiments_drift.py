@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from experiments import drift_monitor
 
 
@@ -15,23 +17,29 @@ def _check_written(out_dir, metrics, module, figure):
     assert json.loads((out_dir / "metrics.json").read_text()).keys() == metrics.keys()
     assert (out_dir / f"{figure}.png").stat().st_size > 1000
     text = module.report(metrics, out_dir.name)
-    assert f"({out_dir.name}/{figure}.png)" in text and "|" in text
+    assert f"({out_dir.name}/{figure}.png)" in text and "|" in text and "**Reading**" in text
 
 
-def test_drift_monitor_alarms_under_strong_shift_and_rarely_before(tmp_path):
+def test_drift_study_tells_harmful_from_harmless_shifts_and_detects_the_obvious(tmp_path):
     out = tmp_path / "drift_monitor"
-    metrics = drift_monitor.main(["--out", str(out), "--repeats", "1", "--windows", "8", "--clean-windows", "4",
-                                  "--null-windows", "4", "--permutations", "49", "--histogram-permutations",
-                                  "1279", "--no-progress"])
-    _check_written(out, metrics, drift_monitor, "stream")
-    summary = metrics["summary"]
-    # pixel noise at severity >= 0.5 (sd >= 4 on the 0-16 scale) is obvious to the input detectors
-    assert summary["pixel_noise"]["input_histogram"]["detected"] == 1
-    assert summary["pixel_noise"]["input_knn"]["detected"] == 1
-    # a class-mix shift shows in the predicted class distribution
-    assert summary["class_mix"]["output_mean_kl"]["detected"] == 1
-    for name, rates in metrics["false_alarms"].items():
-        assert rates["windows"] == 4 + 3 * 4
-        assert rates["alarms"] <= 1, name
-    stream = metrics["repeats"][0]["streams"]["pixel_noise"]
-    assert len(stream["pool_accuracy"]) == 8 and stream["pool_accuracy"][0] > 0.9
+    repeats = 3
+    metrics = drift_monitor.main(["--out", str(out), "--window-sizes", "200", "--repeats", str(repeats),
+                                  "--permutations", "49", "--histogram-permutations", "1299", "--streams", "2",
+                                  "--stream-windows", "20", "--no-progress"])
+    _check_written(out, metrics, drift_monitor, "power")
+    harm, power = metrics["harm"], metrics["power"]
+    # noise on the border pixels, which the classifier gives no weight, costs no accuracy; strong noise
+    # and a one-pixel translation do
+    assert harm["border_noise"]["verdict"] == "harmless" and abs(harm["border_noise"]["accuracy_drop"]) < 0.01
+    assert harm["translation"]["verdict"] == "harmful" and harm["translation"]["accuracy_drop"] > 0.3
+    assert harm["gaussian_noise"]["verdict"] == "harmful"
+    # a 30-point accuracy drop is seen by the multivariate input detectors in every repeat
+    for name in ("gaussian_kl", "knn_kl", "energy"):
+        assert power["translation"][name]["200"]["rate"] == 1.0, name
+    # the label shift shows in the predicted-class frequencies (BBSD)
+    assert power["class_mix"]["bbsd_kl"]["200"]["rate"] >= 2 / 3
+    for name in drift_monitor.DETECTORS:
+        cell = power["none"][name]["200"]
+        assert cell["wilson95"][0] <= cell["rate"] <= cell["wilson95"][1]
+    assert [s["expected"] for s in metrics["streams"]] == pytest.approx([20.0, 30.0])
+    assert all(len(s["first_alarm"]) == 2 for s in metrics["streams"])
