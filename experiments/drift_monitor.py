@@ -402,7 +402,7 @@ def reading(metrics: dict) -> list[str]:
         best_kl = max(KL_DETECTORS, key=lambda name: cells[name]["rate"])
         tied = [LABELS[name] for name in DETECTORS if name != best and cells[name]["rate"] == cells[best]["rate"]]
         h = harm[shift]
-        line = (f"{shift} ({h['verdict']}, accuracy drop {100 * h['accuracy_drop']:.1f} points "
+        line = (f"`{shift}` ({h['verdict']}, accuracy drop {100 * h['accuracy_drop']:.1f} points "
                 f"[{100 * h['interval95'][0]:.1f}, {100 * h['interval95'][1]:.1f}]): at m = {large} the most "
                 f"powerful detector is {LABELS[best]} ({_cell(cells[best])})"
                 + (f", tied with {', '.join(tied)}" if tied else ""))
