@@ -3,10 +3,15 @@
     python -m experiments.report --quick --out results
     python -m experiments.report --quick --out results --only mc_estimators,policy_bandit
     python -m experiments.report --quick --out results --jobs 1    # one experiment at a time
+    python -m experiments.report --render --out full               # REPORT.md from saved metrics
 
 An experiment takes part when its module defines ``TITLE``, ``ORDER``, ``main`` and ``report``
 (see ``experiments/_common.py``). A failing experiment is reported in its section and makes the
-command exit non-zero after the others have run.
+command exit non-zero after the others have run. Each run leaves ``OUT/NAME/run.json`` (scale, status,
+seconds); ``--render`` runs nothing and writes ``OUT/REPORT.md`` from the ``OUT/NAME/metrics.json`` already
+there (long full-scale studies run one by one, ``python -m experiments.NAME --out OUT/NAME``, and are
+reported together).
+
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import argparse
 import concurrent.futures
 import datetime
 import importlib
+import json
 import multiprocessing
 import os
 import pathlib
@@ -52,8 +58,30 @@ def _run_one(name: str, quick: bool, out: str) -> tuple[str, str, float]:
         body = "**This experiment failed:**\n\n```\n" + traceback.format_exc() + "```\n"
         status = "FAILED"
     seconds = time.perf_counter() - start
+    out_dir = pathlib.Path(out) / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "run.json").write_text(json.dumps(
+        {"scale": "quick" if quick else "full", "status": status, "seconds": round(seconds, 1)}) + "\n")
     print(f"[report] {name}: {status} in {seconds:.1f} s", file=sys.stderr, flush=True)
     return status, body, seconds
+
+
+def _render_one(name: str, out: str) -> tuple[str, str, float, str]:
+    """Renders one experiment's section from ``OUT/NAME/metrics.json``: (status, body, seconds, scale)."""
+    from experiments import _common
+
+    module = importlib.import_module(f"experiments.{name}")
+    out_dir = pathlib.Path(out) / name
+    if not (out_dir / "metrics.json").exists():
+        return "NOT RUN", f"No `{out_dir / 'metrics.json'}`: this experiment was not run.\n", float("nan"), "?"
+    run = json.loads((out_dir / "run.json").read_text()) if (out_dir / "run.json").exists() else {}
+    metrics = _common.load_metrics(out_dir)
+    scale = run.get("scale") or ("quick" if metrics.get("config", {}).get("quick") else "full")
+    try:
+        body, status = module.report(metrics, pathlib.Path(name)), run.get("status", "ok")
+    except Exception:  # noqa: BLE001 - as in a run: say what failed and go on
+        body, status = "**Rendering failed:**\n\n```\n" + traceback.format_exc() + "```\n", "FAILED"
+    return status, body, float(run.get("seconds", float("nan"))), scale
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,9 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated experiment names to run")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="experiments run at once, each in its own process (default: min(2, cores))")
+    parser.add_argument("--render", action="store_true",
+                        help="run nothing: write OUT/REPORT.md from the OUT/NAME/metrics.json already there")
     args = parser.parse_args(argv)
-
-    import jax
+    if args.render and args.quick:
+        parser.error("--render reads each experiment's scale from its saved metrics: drop --quick")
 
     modules = discover()
     if args.only:
@@ -76,9 +106,16 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown experiments: {sorted(unknown)}")
         modules = [m for m in modules if m.__name__.split(".")[-1] in wanted]
 
+    names = [module.__name__.split(".")[-1] for module in modules]
+    if args.render:
+        if not args.out.is_dir():
+            parser.error(f"--out {args.out} is not a folder of experiment results")
+        outcomes = [_render_one(name, str(args.out)) for name in names]
+        scales = sorted({o[3] for o in outcomes if o[0] != "NOT RUN"})
+        scale = " and ".join(scales) if scales else "no"
+        return _write(args, modules, names, outcomes, scale, rendered_from=True)
     args.out.mkdir(parents=True, exist_ok=True)
     scale = "quick" if args.quick else "full"
-    names = [module.__name__.split(".")[-1] for module in modules]
     jobs = max(1, min(args.jobs, len(names)))
     print(f"[report] running {len(names)} experiments ({scale}) in {jobs} process(es)", file=sys.stderr, flush=True)
     if jobs == 1:
@@ -89,19 +126,28 @@ def main(argv: list[str] | None = None) -> int:
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
             outcomes = list(pool.map(_run_one, names, [args.quick] * len(names), [str(args.out)] * len(names)))
+    outcomes = [(*outcome, scale) for outcome in outcomes]
+    return _write(args, modules, names, outcomes, scale, rendered_from=False)
+
+
+def _write(args, modules, names, outcomes, scale: str, *, rendered_from: bool) -> int:
+    import jax
+
     sections, summary_rows, failures = [], [], []
-    for module, name, (status, body, seconds) in zip(modules, names, outcomes):
+    for module, name, (status, body, seconds, its_scale) in zip(modules, names, outcomes):
         out_dir = args.out / name
         if status != "ok":
             failures.append(name)
-        summary_rows.append(f"| [{module.TITLE}](#{name}) | `{name}` | {status} | {seconds:.1f} |")
+        timing = f"{seconds:.1f}" if seconds == seconds else "n/a"
+        summary_rows.append(f"| [{module.TITLE}](#{name}) | `{name}` | {status} | {timing} |")
         sections.append(f'<a id="{name}"></a>\n## {module.TITLE}\n\n'
-                        f"`python -m experiments.{name} {'--quick ' if args.quick else ''}--out {out_dir}`"
-                        f" ({seconds:.1f} s)\n\n{body.strip()}\n")
+                        f"`python -m experiments.{name} {'--quick ' if its_scale == 'quick' else ''}--out {out_dir}`"
+                        f" ({timing} s)\n\n{body.strip()}\n")
 
     header = (
         "# kljax experiment report\n\n"
-        f"Generated {datetime.datetime.now().isoformat(timespec='seconds')} at the {scale} scale on "
+        f"{'Rendered from saved metrics' if rendered_from else 'Generated'} "
+        f"{datetime.datetime.now().isoformat(timespec='seconds')} at the {scale} scale on "
         f"{platform.node() or 'this machine'} ({jax.default_backend()}, {jax.device_count()} device(s), "
         f"jax {jax.__version__}).\n\n"
         "| experiment | module | status | seconds |\n|---|---|---|---|\n" + "\n".join(summary_rows) + "\n"
