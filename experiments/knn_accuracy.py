@@ -24,14 +24,16 @@ Design (fractional, not the full cartesian product; every level of every factor 
 1. plane: every family x every d in ``dims`` at n = m in ``plane_sizes`` (1000), k = 1, and every
    family at n = m = ``small_n`` (100) in the high dimensions ``small_n_dims`` (20, 50, 100);
 2. size line: n = m over ``sizes`` (100 ... 100k) for ``line_families`` at d in ``line_dims``
-   (n above ``line_max_brute_n`` only where the k-d tree searches, d <= 6: the brute search at
-   100k points in 10-D does not fit the budget of 2 CPU cores);
+   (n above ``line_max_brute_n`` = 1000 only where the k-d tree searches, d <= 6: the brute
+   searches at 10k and 100k points in 10-D, 20 seeds and every candidate, do not fit the hour of
+   2 shared CPU cores that the full study is given; so n = 10k and 100k are at d = 2);
 3. n != m: m = ratio * n for ``unequal_ratios`` at n = ``base_n`` (1000), ``line_families`` x ``line_dims``;
 4. orders: k in ``orders`` at n = m = ``base_n``, ``line_families`` x ``line_dims``.
 
 Each cell draws ``seeds`` independent sample sets; every estimator of ``kljax.knn.ESTIMATORS`` (with
 its jackknife standard error from ``kl_with_stderr``; ``wkv_adaptive`` without one, and only up to
-``max_adaptive_n``) runs on the same sets in one jitted, vmapped call. Per cell: RMSE (bootstrap
+``max_adaptive_n``; ``corrected``, which simulates four reference sample pairs per estimate, only
+with ``candidates``, i.e. not at the CI scale) runs on the same sets in one jitted, vmapped call. Per cell: RMSE (bootstrap
 interval over seeds), bias (t interval), the ratio of the default's RMSE to textbook WKV's (paired
 bootstrap interval), the goal (ratio <= 1.1, and <= 0.5 where WKV's squared bias exceeds its
 variance) met or missed, and the coverage of the 95% jackknife intervals est +- 1.96 se. A SciPy
@@ -69,6 +71,8 @@ FAMILIES = ("same", "shift", "correlated", "covariance", "student_t", "mixture",
 CORRELATION = 0.9
 T_DOF = 4.0
 MIXTURE_OFFSET = 1.5
+# Estimators that simulate reference samples (four pairs per estimate): run with ``candidates``.
+SIMULATING = ("corrected",)
 CKDTREE_PEER = "scipy cKDTree WKV"
 UD_PEER = "universal-divergence WKV"
 
@@ -85,11 +89,11 @@ class Config:
     line_families: tuple[str, ...] = ("shift", "correlated", "student_t")
     line_dims: tuple[int, ...] = (2, 10)
     sizes: tuple[int, ...] = (100, 1000, 10000, 100000)
-    line_max_brute_n: int = 10000
+    line_max_brute_n: int = 1000
     base_n: int = 1000
     unequal_ratios: tuple[float, ...] = (0.25, 4.0)
     orders: tuple[int, ...] = (1, 4)
-    seeds: int = 30
+    seeds: int = 20
     peer_seeds: int = 2
     mc_draws: int = 2_000_000
     max_adaptive_n: int = 10000
@@ -379,6 +383,8 @@ def run(config: Config, *, progress: bool = True) -> dict:
         raise ValueError("dtype float64 needs jax_enable_x64 (set JAX_ENABLE_X64=1)")
     dtype = np.dtype(config.dtype)
     names, default = estimator_names()
+    if not config.candidates:  # the CI scale leaves out what simulates reference samples
+        names = [nm for nm in names if nm not in SIMULATING or nm == default]
     from kljax import knn
 
     candidate_names = list(knn._STUDY_CANDIDATES) if config.candidates else []
@@ -557,9 +563,11 @@ def reading(metrics: dict) -> list[str]:
         lines.append(f"{len(significant)} of the {len(missed)} misses are significant (the whole 95% "
                      "bootstrap interval of the ratio lies above its limit); the others are within "
                      "seed noise of it.")
-        over = [c for c in missed if c["ratio"] > c["limit"] and c["limit"] == NEVER_WORSE_RATIO]
+        over = [c for c in missed if c["ratio"] > NEVER_WORSE_RATIO]  # whatever the cell's limit
         if over:
-            lines.append("Cells where the default loses to WKV by more than 10%: " + "; ".join(
+            lines.append(f"Cells where the default loses to WKV by more than 10% ({len(over)}, "
+                         f"{sum(c['wkv_bias_dominates'] for c in over)} of them where WKV's bias dominates): "
+                         + "; ".join(
                 f"{where(c)}: {c['ratio']:.2f} [{c['ratio_ci'][0]:.2f}, {c['ratio_ci'][1]:.2f}]" for c in over[:12])
                 + ("" if len(over) <= 12 else f"; and {len(over) - 12} more") + ".")
         half = [c for c in missed if c["limit"] == TARGET_RATIO]
@@ -587,11 +595,17 @@ def reading(metrics: dict) -> list[str]:
         j, ours = judged, judged[default]
         most = max(j, key=lambda name: (j[name]["goal_met"], -j[name]["worse_than_wkv_significantly"]))
         safest = min(j, key=lambda name: (j[name]["worse_than_wkv_significantly"], j[name]["worst_ratio"]))
+
+        def versus(name, value):
+            return "" if name == default else f"; `{default}`: {value}"
+
         lines.append(f"Judged as the default: `{most}` meets the goal in the most cells ({j[most]['goal_met']} of "
-                     f"{j[most]['cells']}; `{default}`: {ours['goal_met']}); `{safest}` is significantly worse "
-                     f"than WKV in the fewest ({j[safest]['worse_than_wkv_significantly']}; `{default}`: "
-                     f"{ours['worse_than_wkv_significantly']}), worst ratio {j[safest]['worst_ratio']:.2f} "
-                     f"(`{default}`: {ours['worst_ratio']:.2f}).")
+                     f"{j[most]['cells']}{versus(most, ours['goal_met'])}); `{safest}` is significantly worse "
+                     f"than WKV in the fewest ({j[safest]['worse_than_wkv_significantly']}"
+                     f"{versus(safest, ours['worse_than_wkv_significantly'])}), worst ratio "
+                     f"{j[safest]['worst_ratio']:.2f}{versus(safest, format(ours['worst_ratio'], '.2f'))}. "
+                     f"Plain WKV as the default would meet it in {len(cells) - s['wkv_bias_dominates']} of "
+                     f"{len(cells)} (every cell where its bias does not dominate, none of the others).")
     diffs = [c["peer_max_abs_diff"][CKDTREE_PEER] for c in cells]
     lines.append(f"kljax `wkv` equals the SciPy cKDTree WKV on the same samples to {max(diffs):.2g} nats "
                  f"(float32 data, float64 peer)" + (f" and the universal-divergence package to "

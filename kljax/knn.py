@@ -20,11 +20,14 @@ Estimators of ``kl`` (``estimator=``):
 =================  ==============================================================================
 ``"selected"``     (default) per sample, ``"weighted"`` or ``"wkv"``, whichever has the smaller
                    estimated mean squared error (jackknife variances, WKV's bias estimated by the
-                   difference of the two); plain WKV where the weights exceed 1.5 (d > 15)
+                   difference of the two); plain WKV for d > 5 and where the weights exceed 1.5
 ``"weighted"``     weighted average of WKV over the orders k, 2k, ..., 16k whose weights
                    cancel the leading bias term (Berrett, Samworth & Yuan 2019 weights)
 ``"wkv"``          Wang, Kulkarni & Verdu (2009) eq. (5), exactly as published
 ``"wkv_adaptive"`` WKV with sample-dependent orders l_i, k_i and digamma correction (WKV 2009 Sec. III)
+``"corrected"``    WKV of order 4k less its bias simulated on the Gaussians fitted to x and y
+                   (a parametric-bootstrap bias correction), where both samples have Gaussian-like
+                   tails (Mardia's kurtosis) and 10 points per dimension; ``"selected"`` otherwise
 =================  ==============================================================================
 
 The default's rule: never be the wrong choice, i.e. an RMSE at most 1.1x textbook WKV's wherever
@@ -32,15 +35,29 @@ WKV is nearly unbiased, and well below it where WKV's bias dominates. ``"weighte
 the first half: where WKV's bias is small (P = Q, or high d at small n) the weights only add
 variance, and they grow with d (largest 1.0 at d = 10, 6.1 at d = 64 over 16 orders), so at
 d = 64, n = 100 its RMSE is several times WKV's. ``"selected"`` takes the weights only when they
-pay for their variance in the sample at hand, and never where they exceed 1.5. The study that
+pay for their variance in the sample at hand, never where they exceed 1.5, and never above d = 5. The study that
 chose it is ``experiments.knn_accuracy``: a fractional factorial design over seven families with a
 known KL (isotropic, equicorrelated and differently-shaped Gaussians, P = Q, multivariate t, a
 Gaussian mixture, uniform against Beta), d from 1 to 100, n from 100 to 10^5, n != m and several k.
 Against the other candidates measured there (``"weighted"``, ``"wkv_adaptive"``, a continuous
 shrinkage of the weights by estimated MSE, and both estimators after affine pre-whitening of the
 pooled sample) ``"selected"`` met the goal in the most cells and lost significantly to WKV in the
-fewest, so it stays the default. The report lists the cells where it still loses to WKV by more
-than 10% and those (WKV's bias dominating, d >= 5) where no candidate reaches half WKV's RMSE.
+fewest, so it stays the default. Its full run also showed the selection's worst losses, all at
+d = 10 with m = n / 4 or 4 n, or with k = 4 (2-5x WKV's RMSE): there it took the weighted estimator,
+whose largest orders (16k neighbours, a large part of the smaller sample) are far from local, and whose
+jackknife variance does not show it. Since then ``"selected"`` is WKV above d = 5 (at d <= 5 its
+worst loss in that run was 1.16x, not significant). The report lists the cells where it still loses to WKV
+by more than 10% and those (WKV's bias dominating) where no candidate reaches half WKV's RMSE.
+
+``"corrected"`` attacks that bias: WKV's bias depends on the shapes of P and Q, and for Gaussians
+the shapes are known from the samples' moments, so the bias of the same estimator on samples of the
+fitted Gaussians (the fits' differences shrunk to what sampling noise leaves, their KL in closed
+form) estimates it (Efron & Tibshirani 1993, ch. 10, with a Gaussian working model); the order 4k
+cuts the variance that the simulation adds. It is applied only where Mardia's (1970) kurtosis of
+both samples is Gaussian-like, since heavy tails (multivariate t) make the Gaussian reference
+over-correct, and falls back to ``"selected"`` elsewhere. It is not the default: in the study's
+cells where WKV's bias dominates it still misses half WKV's RMSE in most (the report has its
+ratios), and it costs about 5x ``"wkv"`` (four simulated sample pairs).
 
 Ties (exact copies), ``ties=``. The estimators take logarithms of neighbour distances, which are
 0 when a point has exact copies (in ``x`` for ``rho``, in ``y`` for ``nu``). Continuous data get
@@ -90,6 +107,10 @@ References:
     Phys. Rev. E 69, 066138.
     T. B. Berrett, R. J. Samworth, M. Yuan (2019), "Efficient multivariate entropy estimation via
     k-nearest neighbour distances", Ann. Statist. 47(1), 288-318.
+    B. Efron, R. J. Tibshirani (1993), "An Introduction to the Bootstrap", Chapman & Hall, ch. 10
+    (bias estimation by the parametric bootstrap).
+    K. V. Mardia (1970), "Measures of multivariate skewness and kurtosis with applications",
+    Biometrika 57(3), 519-530.
 """
 
 from __future__ import annotations
@@ -110,12 +131,25 @@ from kljax._contract import as_float_array, check_eagerly, check_flag, check_int
 __all__ = ["ESTIMATORS", "TIES", "neighbors", "kl", "kl_with_stderr", "entropy", "entropy_with_stderr",
            "cross_entropy", "mutual_information"]
 
-ESTIMATORS = ("selected", "weighted", "wkv", "wkv_adaptive")
+ESTIMATORS = ("selected", "weighted", "wkv", "wkv_adaptive", "corrected")
 # "selected" considers "weighted" only while its largest weight is at most this (d <= 15 with 16
 # orders): larger weights make both the estimate and its jackknife variance unreliable at small n.
 _MAX_SELECTED_WEIGHT = 1.5
+# ... and only up to this dimension: in experiments.knn_accuracy's full run the selection's worst loss to
+# WKV at d <= 5 was 1.16x (not significant), but at d = 10 it took the weights where they lost up to 5x
+# (m = n / 4 or 4 n, k = 4), their largest orders far from local and the jackknife blind to it.
+_MAX_SELECTED_DIM = 5
 # The weighted estimator averages WKV over the orders k, 2k, ..., _WEIGHTED_ORDERS * k.
 _WEIGHTED_ORDERS = 16
+# "corrected": WKV of order _CORRECTED_ORDER * k less its bias on _REFERENCE_DRAWS sample pairs of the
+# Gaussians fitted to x and y, where both samples pass Mardia's kurtosis check (at most
+# _KURTOSIS_Z standard errors above the Gaussian value) and have at least _REFERENCE_POINTS_PER_DIM
+# points per dimension; "selected" otherwise.
+_CORRECTED_ORDER = 4
+_REFERENCE_DRAWS = 4
+_REFERENCE_POINTS_PER_DIM = 10
+_KURTOSIS_Z = 3.0
+_REFERENCE_SEED = 0
 # Tie policies (``ties=``), see the module docstring.
 TIES = ("auto", "error")
 # ties="auto" refuses data where more than this fraction of the points have an exact copy ...
@@ -496,17 +530,114 @@ def _selection(per_order, within, across, orders, weights, d, n, m):
     return jnp.where(use_weighted, jnp.asarray(weights, dtype), jnp.asarray(first, dtype))
 
 
+def _corrected_applies(k: int, n: int, m: int, d: int) -> bool:
+    """Whether ``"corrected"`` has its order ``4k`` and enough points per dimension (else "selected")."""
+    return (_CORRECTED_ORDER * k in _weighted_orders(k, n, m)
+            and min(n, m) >= _REFERENCE_POINTS_PER_DIM * d)
+
+
+def _gaussian_pair_fit(x, y):
+    """Gaussians fitted to ``x`` and ``y``, their differences shrunk to what sampling noise leaves.
+
+    Sample means and covariances are noisy, and the noise alone makes two fitted Gaussians differ
+    (KL about (d^2 + 3 d) / (4 n) between fits to one distribution). The mean and covariance
+    differences are therefore shrunk towards the pooled fit by the James-Stein factor
+    ``max(0, 1 - noise / observed)``, with both measured in the pooled-whitened coordinates and the
+    noise their expectation for Gaussian data with equal parameters: ``d (1/n + 1/m)`` for the
+    means, ``(d^2 + d) (1/(n-1) + 1/(m-1))`` for the covariances (squared Frobenius norm).
+    Returns (mean_x, cholesky_x, mean_y, cholesky_y).
+    """
+    n, d = x.shape
+    m = y.shape[0]
+    eye = jnp.eye(d, dtype=x.dtype)
+    mean_x, mean_y = jnp.mean(x, axis=0), jnp.mean(y, axis=0)
+    centred_x, centred_y = x - mean_x[None, :], y - mean_y[None, :]
+    cov_x = centred_x.T @ centred_x / (n - 1)
+    cov_y = centred_y.T @ centred_y / (m - 1)
+    pooled = ((n - 1) * cov_x + (m - 1) * cov_y) / (n + m - 2)
+
+    def cholesky(cov):
+        return jnp.linalg.cholesky(cov + 1e-6 * jnp.trace(cov) / d * eye)
+
+    tril = cholesky(pooled)
+
+    def whiten(a):
+        return jax.scipy.linalg.solve_triangular(tril, a, lower=True)
+
+    cov_difference = whiten(whiten(cov_x - cov_y).T)
+    mean_difference = whiten(mean_x - mean_y)
+    tiny = jnp.finfo(x.dtype).tiny
+    shrink_cov = jnp.clip(1 - (d * d + d) * (1 / (n - 1) + 1 / (m - 1))
+                          / jnp.maximum(jnp.sum(jnp.square(cov_difference)), tiny), 0, 1)
+    shrink_mean = jnp.clip(1 - d * (1 / n + 1 / m) / jnp.maximum(jnp.sum(jnp.square(mean_difference)), tiny),
+                           0, 1)
+    centre = (n * mean_x + m * mean_y) / (n + m)
+    return (centre + shrink_mean * (mean_x - centre), cholesky(pooled + shrink_cov * (cov_x - pooled)),
+            centre + shrink_mean * (mean_y - centre), cholesky(pooled + shrink_cov * (cov_y - pooled)))
+
+
+def _gaussian_kl(mean_p, tril_p, mean_q, tril_q):
+    """Closed-form D(N(mean_p, L_p L_p^T) || N(mean_q, L_q L_q^T)) (Rasmussen & Williams 2006, A.23)."""
+    a = jax.scipy.linalg.solve_triangular(tril_q, tril_p, lower=True)
+    b = jax.scipy.linalg.solve_triangular(tril_q, mean_q - mean_p, lower=True)
+    log_det = 2 * (jnp.sum(jnp.log(jnp.diag(tril_q))) - jnp.sum(jnp.log(jnp.diag(tril_p))))
+    return 0.5 * (jnp.sum(a * a) + jnp.sum(b * b) - mean_p.shape[0] + log_det)
+
+
+def _kurtosis_is_gaussian(a):
+    """Mardia's (1970) multivariate kurtosis ``b2 = mean((z_i^T S^-1 z_i)^2)`` of ``a`` is at most
+    ``_KURTOSIS_Z`` of its standard errors under normality, ``sqrt(8 d (d + 2) / n)``, above the
+    Gaussian value ``d (d + 2)``: the tails are not heavier than a Gaussian's."""
+    n, d = a.shape
+    centred = a - jnp.mean(a, axis=0, keepdims=True)
+    cov = centred.T @ centred / n
+    tril = jnp.linalg.cholesky(cov + 1e-6 * jnp.trace(cov) / d * jnp.eye(d, dtype=a.dtype))
+    white = jax.scipy.linalg.solve_triangular(tril, centred.T, lower=True)
+    b2 = jnp.mean(jnp.square(jnp.sum(white * white, axis=0)))
+    return b2 <= d * (d + 2) + _KURTOSIS_Z * math.sqrt(8 * d * (d + 2) / n)
+
+
+def _reference_bias(x, y, order, *, block_size, method):
+    """Bias of the order-``order`` WKV estimate on the Gaussians fitted to ``x``, ``y`` (shrunk fits,
+    :func:`_gaussian_pair_fit`): mean over ``_REFERENCE_DRAWS`` simulated sample pairs of the same
+    sizes less the fits' closed-form KL, and whether both samples have Gaussian-like tails."""
+    n, d = x.shape
+    m = y.shape[0]
+    dtype = x.dtype
+    mean_x, tril_x, mean_y, tril_y = _gaussian_pair_fit(x, y)
+    offset = math.log(m) - math.log(n - 1)
+
+    def one(key):
+        key_x, key_y = jax.random.split(key)
+        ref_x = mean_x[None, :] + jax.random.normal(key_x, (n, d), dtype) @ tril_x.T
+        ref_y = mean_y[None, :] + jax.random.normal(key_y, (m, d), dtype) @ tril_y.T
+        per_order = _kl_terms(ref_x, ref_y, (order,), order, k=order, ties="auto", block_size=block_size,
+                              method=method, splits=(None, None))[-1]
+        return jnp.mean(per_order[:, 0]) + offset
+
+    keys = jax.random.split(jax.random.key(_REFERENCE_SEED), _REFERENCE_DRAWS)
+    simulated = lax.map(one, keys)
+    bias = jnp.mean(simulated) - _gaussian_kl(mean_x, tril_x, mean_y, tril_y)
+    return lax.stop_gradient(bias), _kurtosis_is_gaussian(x) & _kurtosis_is_gaussian(y)
+
+
 def _kl_core(x, y, *, k, estimator, ties, block_size, method, splits, with_stderr=False):
     n, d = x.shape
     m = y.shape[0]
     dtype = x.dtype
     offset = math.log(m) - math.log(n - 1)
+    if estimator == "corrected":
+        if not _corrected_applies(k, n, m, d):
+            estimator = "selected"
+        else:
+            return _corrected_core(x, y, k=k, ties=ties, block_size=block_size, method=method,
+                                   splits=splits, with_stderr=with_stderr)
     selected = estimator == "selected"
     orders = _weighted_orders(k, n, m) if estimator in ("weighted", "selected") else (k,)
     if selected and len(orders) < 2:
         selected, orders = False, (k,)  # plain WKV
     weights = _weights(d, orders) if len(orders) > 1 else np.ones(1)
-    if selected and np.abs(weights).max() > _MAX_SELECTED_WEIGHT:
+    if selected and (np.abs(weights).max() > _MAX_SELECTED_WEIGHT or d > _MAX_SELECTED_DIM):
         selected, orders, weights = False, (k,), np.ones(1)  # plain WKV
     depth = max(orders) + int(with_stderr or selected)
     within, across, rho, nu, per_order = _kl_terms(x, y, orders, depth, k=k, ties=ties,
@@ -562,6 +693,36 @@ def _jackknife_stderr(terms, within, across, orders, weights, d, n, m):
     return jnp.sqrt(_jackknife_variance(without_x) + _jackknife_variance(without_y))
 
 
+def _corrected_core(x, y, *, k, ties, block_size, method, splits, with_stderr):
+    """``"corrected"`` (see :func:`kl`): Gaussian-reference bias correction of WKV at order 4k where
+    the tails are Gaussian-like, ``"selected"`` otherwise; one pair of searches serves both."""
+    n, d = x.shape
+    m = y.shape[0]
+    dtype = x.dtype
+    offset = math.log(m) - math.log(n - 1)
+    orders = _weighted_orders(k, n, m)
+    column = orders.index(_CORRECTED_ORDER * k)
+    weights = _weights(d, orders)
+    within, across, _, _, per_order = _kl_terms(x, y, orders, max(orders) + 1, k=k, ties=ties,
+                                                block_size=block_size, method=method, splits=splits)
+    if np.abs(weights).max() > _MAX_SELECTED_WEIGHT:
+        selected_weights, weights = jnp.asarray(np.eye(len(orders))[0], dtype), np.eye(len(orders))[0]
+    else:
+        selected_weights = _selection(per_order, within, across, orders, weights, d, n, m)
+    corrected_weights = np.eye(len(orders))[column]
+    bias, gaussian = _reference_bias(x, y, _CORRECTED_ORDER * k, block_size=block_size, method=method)
+    weights_used = jnp.where(gaussian, jnp.asarray(corrected_weights, dtype), selected_weights)
+    terms = per_order @ weights_used
+    value = (jnp.mean(terms) + offset - jnp.where(gaussian, bias, 0)).astype(dtype)
+    flags = (within.bad, across.bad, _not_finite(x, y))
+    if not with_stderr:
+        return value, flags
+    # The simulated bias adds the variance of a mean of _REFERENCE_DRAWS estimates like the data's.
+    inflation = jnp.where(gaussian, math.sqrt(1 + 1 / _REFERENCE_DRAWS), 1.0)
+    stderr = _jackknife_stderr(terms, within, across, orders, weights_used, d, n, m) * inflation
+    return (value, stderr.astype(dtype)), flags
+
+
 # Candidates for the default measured by ``experiments.knn_accuracy`` (the study); see _kl_study.
 _STUDY_CANDIDATES = ("shrunk", "wkv_whitened", "selected_whitened")
 
@@ -572,7 +733,8 @@ def _kl_study(x, y, *, k: int = 1, candidates: bool = True) -> dict:
     Unbatched ``x`` (n, d), ``y`` (m, d) (``jax.vmap`` it over sample sets); default ``ties``,
     ``method`` and ``block_size``, no validation. Returns name -> ``(estimate, stderr)``; the
     ``"wkv"``, ``"weighted"`` and ``"selected"`` entries equal :func:`kl_with_stderr`'s. With
-    ``candidates`` also (NaN where they do not apply):
+    ``candidates`` also ``"corrected"`` (equal to :func:`kl_with_stderr`'s; it simulates reference
+    samples, so the CI-scale study leaves it out) and (NaN where they do not apply):
 
     * ``"shrunk"``: ``wkv + lambda (weighted - wkv)`` with the ``lambda`` in [0, 1] that minimises
       the estimated MSE ``var(wkv + lambda delta) + (1 - lambda)^2 b^2`` (``b^2`` WKV's squared bias
@@ -591,7 +753,7 @@ def _kl_study(x, y, *, k: int = 1, candidates: bool = True) -> dict:
     many = len(orders) >= 2
     weights = _weights(d, orders) if many else np.ones(1)
     first = np.eye(len(orders))[0]
-    capped = (not many) or np.abs(weights).max() > _MAX_SELECTED_WEIGHT
+    capped = (not many) or np.abs(weights).max() > _MAX_SELECTED_WEIGHT or d > _MAX_SELECTED_DIM
     nan = jnp.full((), jnp.nan, dtype)
 
     def estimates(a, b, names):
@@ -609,6 +771,15 @@ def _kl_study(x, y, *, k: int = 1, candidates: bool = True) -> dict:
         if "selected" in names:
             out["selected"] = out["wkv"] if capped else combine(
                 _selection(per_order, within, across, orders, weights, d, n, m))
+        if "corrected" in names:
+            if not _corrected_applies(k, n, m, d):
+                out["corrected"] = out["selected"]
+            else:
+                bias, gaussian = _reference_bias(a, b, _CORRECTED_ORDER * k, block_size=None, method="auto")
+                estimate, se = combine(np.eye(len(orders))[orders.index(_CORRECTED_ORDER * k)])
+                out["corrected"] = (
+                    jnp.where(gaussian, estimate - bias.astype(dtype), out["selected"][0]),
+                    jnp.where(gaussian, se * math.sqrt(1 + 1 / _REFERENCE_DRAWS), out["selected"][1]))
         if "shrunk" in names:
             if not many:
                 out["shrunk"] = out["wkv"]
@@ -637,7 +808,7 @@ def _kl_study(x, y, *, k: int = 1, candidates: bool = True) -> dict:
                 out["shrunk"] = ((jnp.mean(terms) + offset).astype(dtype), se.astype(dtype))
         return out
 
-    result = estimates(x, y, ("weighted", "selected") + (("shrunk",) if candidates else ()))
+    result = estimates(x, y, ("weighted", "selected") + (("shrunk", "corrected") if candidates else ()))
     if candidates:
         if n + m >= 5 * d:
             pooled = jnp.concatenate([x, y]).astype(jnp.float64 if jax.config.jax_enable_x64 else dtype)
@@ -768,6 +939,13 @@ def kl(x, y, *, k: int = 1, estimator: str = "selected", ties: str = "auto",
       difference (all three variances from the jackknife of :func:`kl_with_stderr`, linear in the
       weights). Only WKV where the weights exceed 1.5 in size (d > 15 with 16 orders, or few
       orders) or where n or m leave fewer than two orders.
+    * ``"corrected"``: ``D_wkv(4k) - b``, with ``b`` the mean of ``D_wkv(4k) - D_ref`` over four
+      sample pairs of sizes n and m drawn from Gaussians fitted to ``x`` and ``y`` (mean and
+      covariance differences shrunk towards the pooled fit by a James-Stein factor; ``D_ref`` their
+      closed-form KL), where Mardia's kurtosis of both samples is within 3 standard errors of the
+      Gaussian value or below, 4k <= min(n - 1, m) and min(n, m) >= 10 d; ``"selected"`` otherwise.
+      The draws use a fixed key, so the estimate is deterministic; about 5x the time of ``"wkv"``;
+      the simulated bias is not differentiated.
 
     Exact copies (``ties="auto"``, module docstring): a point's copies are counted as neighbours
     but their distance 0 is not used: the first positive distance is that of order ``k + c``
@@ -833,8 +1011,9 @@ def kl_with_stderr(x, y, *, k: int = 1, estimator: str = "selected", ties: str =
         y: samples of Q, shape ``(..., m, d)``, ``m >= 2``.
         k: neighbour order, as for :func:`kl`.
         estimator: ``"selected"`` (default; the standard error of the estimator it selected, not
-            counting the selection), ``"weighted"`` or ``"wkv"`` (``"wkv_adaptive"`` has no
-            closed-form jackknife here: its orders change with every removal).
+            counting the selection), ``"weighted"``, ``"wkv"`` or ``"corrected"`` (the jackknife
+            of its WKV term times sqrt(1 + 1/4) for the simulated bias) (``"wkv_adaptive"`` has
+            no closed-form jackknife here: its orders change with every removal).
         ties: as for :func:`kl`.
         block_size: ``None`` (automatic) or tile size of the search (see :func:`neighbors`).
         method: search backend (see :func:`neighbors`).

@@ -180,6 +180,25 @@ def test_kdtree_host_returns_the_exact_k_nearest(tree, monkeypatch):
                 np.testing.assert_array_equal(got, np.sort(brute_force(q, r, k)[1], axis=1))
 
 
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_kdtree_host_is_exact_on_large_inputs(d):
+    # From about a thousand points the tree's fast paths reorder points and queries (a space-filling
+    # curve order, mapped back); the answer must stay the exact k nearest as a set, ties to the
+    # smaller index: continuous data far from the origin, tied grid data, and queries that are
+    # the references themselves (each its own nearest, or a smaller-index copy).
+    pytest.importorskip("pykdtree")
+    cases = [(normal(30 + d, 1500, d) + 1e3, normal(40 + d, 2000, d) + 1e3),
+             (grid_points(50 + d, 1200, d), grid_points(60 + d, 1300, d))]
+    same = normal(70 + d, 1600, d)
+    cases.append((same, same))
+    for queries, refs in cases:
+        for dtype in (np.float32, np.float64):
+            q, r = queries.astype(dtype), refs.astype(dtype)
+            for k in (1, 5):
+                got = np.sort(_knn_search._kdtree_host(q, r, k), axis=1)
+                np.testing.assert_array_equal(got, np.sort(brute_force(q, r, k)[1], axis=1))
+
+
 def test_exclude_self_drops_own_index_but_keeps_duplicates():
     points = np.array([[0.0, 0.0], [0.0, 0.0], [5.0, 0.0], [0.0, 0.0], [7.0, 0.0]])
     for method in ("brute", "kdtree"):
