@@ -2,6 +2,7 @@
 
     python -m benchmarks.drift_power --sizes 300 --out power_300.json
     python -m benchmarks.drift_power --sizes 100,1000 --cells mean:2,scale:2,correlation:2,mean:10
+    python -m benchmarks.drift_power --sizes 300,100,1000 --out power.json      # the README's table (every cell)
 
 Each cell draws ``--repeats`` independent pairs (x, y) of n = m points (``--null-repeats`` for the
 unshifted cells) and runs every detector's permutation test (B = ``--permutations``, level 0.05) on the
@@ -39,6 +40,7 @@ DETECTORS = {
     "classifier": drift.ClassifierKL(),
     "knn10": drift.KnnKL(10),
     "knn10_symmetric": drift.KnnKL(10, symmetric=True),
+    "knn_graph": drift.KnnGraphKL(),
     "energy": drift.EnergyDistance(),
 }
 CELLS = ([("null", d) for d in (1, 2, 10, 50)] + [("mean", d) for d in (1, 2, 10, 50)]

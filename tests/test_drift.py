@@ -21,6 +21,7 @@ from kljax.drift import (
     DriftMonitor,
     GaussianKL,
     HistogramKL,
+    KnnGraphKL,
     KnnKL,
     adjust_p_values,
     energy_distance,
@@ -321,7 +322,7 @@ def _monitor(seed, estimator="histogram"):
     return DriftMonitor(jax.random.normal(jax.random.key(seed), (300, 3)), estimator=estimator, alpha=0.05, bins=8)
 
 
-@pytest.mark.parametrize("estimator", ["histogram", "knn"])
+@pytest.mark.parametrize("estimator", ["histogram", "knn", "knn_graph"])
 def test_monitor_quiet_before_and_alarms_after_a_shift(estimator):
     monitor = _monitor(13, estimator)
     windows = _stream(14, 6, 4, 1.0)
@@ -685,8 +686,8 @@ def test_a_constant_statistic_of_many_features_has_p_value_one_in_float32():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("estimator", ["classifier", "gaussian"])
-def test_classifier_and_gaussian_p_values_are_uniform_under_the_null(estimator):
+@pytest.mark.parametrize("estimator", ["classifier", "gaussian", "knn_graph"])
+def test_classifier_gaussian_and_knn_graph_p_values_are_uniform_under_the_null(estimator):
     num_seeds = 1000
     p_values = np.asarray(_p_values_over_seeds(0.0, estimator=estimator, num_seeds=num_seeds))
     for level in (0.05, 0.1, 0.5):
@@ -694,3 +695,81 @@ def test_classifier_and_gaussian_p_values_are_uniform_under_the_null(estimator):
         assert abs(rate - level) <= 4 * math.sqrt(level * (1 - level) / num_seeds), (level, rate)
     p_values = np.asarray(_p_values_over_seeds(1.5, estimator=estimator, num_seeds=num_seeds))
     assert np.mean(p_values <= 0.05) >= 0.95
+
+
+# ------------------------------------------------------------------------------------------------
+# The kNN-graph KL statistic
+
+
+def numpy_knn_graph_kl(x, y, neighbors, symmetric, pseudocount=0.5):
+    """Reference: a fresh NumPy kNN search of the pooled sample, label counts, the plug-in KL."""
+    pooled = np.concatenate([x, y]).reshape(len(x) + len(y), -1)
+    distances = np.sqrt(((pooled[:, None] - pooled[None]) ** 2).sum(-1))
+    np.fill_diagonal(distances, np.inf)
+    lists = np.argsort(distances, axis=1, kind="stable")[:, :neighbors]
+    count_x = (lists < len(x)).sum(axis=1)
+    log_odds = np.log(count_x + pseudocount) - np.log(neighbors - count_x + pseudocount)
+    value = log_odds[:len(x)].mean() + np.log(len(y) / (len(x) - 1))
+    if symmetric:
+        value += -log_odds[len(x):].mean() + np.log(len(x) / (len(y) - 1))
+    return value
+
+
+@pytest.mark.parametrize("neighbors, symmetric", [(None, True), (3, False)])  # dense, then gathered
+def test_knn_graph_fast_permutations_equal_a_fresh_search_on_every_split(neighbors, symmetric):
+    x, y = _samples(31, shift=0.3)
+    statistic = KnnGraphKL(neighbors, symmetric=symmetric)
+    size = statistic.list_length(N, M)
+    assert size == (round((N + M) / 3) if neighbors is None else neighbors)
+    value, p_value = permutation_test(jax.random.key(5), statistic, x, y, num_permutations=B)
+    expected_value, expected_p = _brute_force_p_value(
+        jax.random.key(5), x, y, functools.partial(numpy_knn_graph_kl, neighbors=size, symmetric=symmetric), B)
+    np.testing.assert_allclose(float(value), expected_value, rtol=1e-12)
+    assert float(p_value) == pytest.approx(expected_p, abs=1e-12)
+    # the fixed graph relabelled equals the statistic recomputed from scratch on the relabelled samples
+    data = statistic.prepare(x, y)
+    pooled = np.concatenate([np.asarray(x), np.asarray(y)])
+    labels = np.stack([np.random.default_rng(seed).permutation(N + M) < N for seed in range(6)])
+    fast = np.asarray(statistic.evaluate(data, jnp.asarray(labels)))
+    direct = [float(drift._statistic_only(statistic, jnp.asarray(pooled[lab]), jnp.asarray(pooled[~lab])))
+              for lab in labels]
+    np.testing.assert_allclose(fast, direct, rtol=1e-13, atol=1e-15)
+
+
+def test_knn_graph_under_jit_and_vmap_float32_and_nan_input():
+    x, y = _samples(32, shift=0.4)
+    test = functools.partial(kl_permutation_test, estimator="knn_graph", num_permutations=B)
+    eager = test(jax.random.key(1), x, y)
+    # kl_permutation_test(estimator="knn_graph") is KnnGraphKL() (symmetric by default)
+    reference = permutation_test(jax.random.key(1), KnnGraphKL(), x, y, num_permutations=B)
+    np.testing.assert_array_equal(np.asarray(eager), np.asarray(reference))
+    options = dict(k=None, knn_estimator="wkv", knn_method="brute", bins=10, binning="quantile", edges=None)
+    assert drift._statistic_from_options("knn_graph", pseudocount=0.25, symmetric=False, **options) == KnnGraphKL(
+        None, 0.25, False)
+    x32, y32 = x.astype(jnp.float32), y.astype(jnp.float32)
+    value, p_value = jax.jit(test)(jax.random.key(1), x32, y32)
+    assert value.dtype == jnp.float32 and p_value.dtype == jnp.float32
+    np.testing.assert_allclose(float(value), float(eager[0]), rtol=1e-4)
+    xs, ys = jnp.stack([x, x + 1.0, x]), jnp.stack([y, y + 1.0, y + 2.0])
+    batched = jax.vmap(lambda a, b: test(jax.random.key(1), a, b))(xs, ys)
+    looped = [test(jax.random.key(1), a, b) for a, b in zip(xs, ys)]
+    np.testing.assert_allclose(np.asarray(batched), np.asarray(looped).T, rtol=1e-12)
+    value, p_value = jax.jit(test)(jax.random.key(1), x32, y32.at[3, 1].set(jnp.inf))
+    assert np.isnan(float(value)) and np.isnan(float(p_value))
+    # a bad pseudocount cannot raise under jit: NaN
+    jitted = jax.jit(lambda a: permutation_test(jax.random.key(1), KnnGraphKL(pseudocount=a), x, y, num_permutations=B))
+    assert np.all(np.isnan(np.asarray(jitted(0.0))))
+
+
+def test_knn_graph_bad_input_raises_eagerly():
+    x, y = _samples(33)
+    with pytest.raises(ValueError, match="pseudocount"):
+        kl_permutation_test(jax.random.key(0), x, y, estimator="knn_graph", pseudocount=0.0)
+    with pytest.raises(ValueError, match="neighbors"):
+        KnnGraphKL(0)
+    with pytest.raises(ValueError, match="`y` needs at least 2 rows"):
+        permutation_test(jax.random.key(0), KnnGraphKL(), x, y[:1])
+    with pytest.raises(ValueError, match="look discrete"):
+        kl_permutation_test(jax.random.key(0), jnp.round(x), jnp.round(y), estimator="knn_graph")
+    with pytest.raises(ValueError, match="applies to estimator='knn' only"):
+        kl_permutation_test(jax.random.key(0), x, y, estimator="knn_graph", k=3)

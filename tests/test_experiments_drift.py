@@ -34,7 +34,7 @@ def test_drift_study_tells_harmful_from_harmless_shifts_and_detects_the_obvious(
     assert harm["translation"]["verdict"] == "harmful" and harm["translation"]["accuracy_drop"] > 0.3
     assert harm["gaussian_noise"]["verdict"] == "harmful"
     # a 30-point accuracy drop is seen by the multivariate input detectors in every repeat
-    for name in ("gaussian_kl", "knn_kl", "energy"):
+    for name in ("gaussian_kl", "knn_kl", "knn_graph_kl", "energy"):
         assert power["translation"][name]["200"]["rate"] == 1.0, name
     # the label shift shows in the predicted-class frequencies (BBSD)
     assert power["class_mix"]["bbsd_kl"]["200"]["rate"] >= 2 / 3
