@@ -262,7 +262,8 @@ def run(config: Config) -> tuple[dict, dict]:
                 "fixed_point_name": FIXED_POINT_NAME[name],
                 "fixed_point": fixed_point,
                 "final_probs": final,
-                "final_probs_seed_std": probs[:, -1].std(axis=0),
+                # in float64: a float32 std of 128 nearly equal values reads ~1e-7 of round-off
+                "final_probs_seed_std": probs[:, -1].astype(np.float64).std(axis=0, ddof=1),
                 "final_probs_ci95": [_stats.interval(probs[:, -1, a])[1] for a in range(rewards.size)],
                 "distance_to_optimum": total_variation(final, optimum),
                 "distance_to_fixed_point": total_variation(final, fixed_point),

@@ -645,8 +645,9 @@ def _reading(metrics) -> list[str]:
             f"The per-token penalties ({', '.join(partial)}) "
             + (f"share one expected gradient that drops the prefix score terms (relative bias {biases[0]:.3g})"
                if shared else f"have relative biases {min(biases):.3g} to {max(biases):.3g}")
-            + f"; the worst, `{worst}`, has its fixed point at KL {pl[worst]['fixed_point_kl']:.3f} "
-            f"({'more' if more_kl else 'less'} than the optimum's {opt['kl']:.3f}) and objective gap "
+            + (f"; so they share one fixed point, at KL {pl[worst]['fixed_point_kl']:.3f} "
+               if shared else f"; the worst, `{worst}`, has its fixed point at KL {pl[worst]['fixed_point_kl']:.3f} ")
+            + f"({'more' if more_kl else 'less'} than the optimum's {opt['kl']:.3f}) and objective gap "
             f"{pl[worst]['fixed_point_gap']:.4f} to J*.")
     if "token_k1_loss" in pl:
         largest = max(pl, key=lambda n: pl[n]["fixed_point_kl"])

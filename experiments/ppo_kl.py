@@ -517,13 +517,17 @@ def _reading(metrics):
                                     for n, mask in floor.items()])
         low, high = float(np.nanmin(entropies)), float(np.nanmax(entropies))
         collapsed = int(np.sum(entropies < 0.1 * np.log(3)))
+        diverged = int(np.sum(~np.isfinite(entropies)))  # a NaN policy (non-finite logits) has no entropy
+        random = entropies.size - collapsed - diverged
         lines.append("- Seeds that end at the floor (final return <= -499): " + ", ".join(
             f"`{n}` {int(mask.sum())}/{cfg['num_seeds']}" for n, mask in floor.items())
-            + f"; their final policy entropy ranges from {low:.2g} to {high:.2g} nats (uniform: {np.log(3):.3f}): "
+            + f"; their finite final policy entropies range from {low:.2g} to {high:.2g} nats (uniform: "
+            f"{np.log(3):.3f}): "
             + (f"all {entropies.size} collapsed to a near-deterministic policy that no longer explores."
                if collapsed == entropies.size else
-               f"{collapsed} of {entropies.size} collapsed (entropy below a tenth of uniform's); the others still "
-               "act near randomly and have not found the swing-up."))
+               f"{collapsed} of {entropies.size} collapsed (entropy below a tenth of uniform's)"
+               + (f", {diverged} diverged (its policy's entropy is not finite)" if diverged else "")
+               + (f", {random} still act near randomly and have not found the swing-up" if random else "") + "."))
     else:
         lines.append("- No seed ends at the floor of -500.")
     lines.append("- Comparisons (Welch tests over seeds, Holm-adjusted within each quantity):")
@@ -533,8 +537,9 @@ def _reading(metrics):
             f"(p = {r['mean_return_p']:.2g}, Holm {r['mean_return_p_holm']:.2g}: "
             f"{_verdict(r, 'mean_return_p', alpha)}); final return {r['return_difference']:+.1f} "
             f"(p = {r['return_p']:.2g}, Holm {r['return_p_holm']:.2g}: {_verdict(r, 'return_p', alpha)}); "
-            f"median exact KL per update x{r['kl_ratio']:.3g} (p = {r['kl_p']:.2g}, Holm {r['kl_p_holm']:.2g}: "
-            f"{_verdict(r, 'kl_p', alpha)}).")
+            + (f"median exact KL per update x{r['kl_ratio']:.3g} (p = {r['kl_p']:.2g}, Holm {r['kl_p_holm']:.2g}: "
+               f"{_verdict(r, 'kl_p', alpha)})." if np.isfinite(r["kl_ratio"]) else
+               "median exact KL per update: no ratio or test (a diverged seed's KL is not finite)."))
     k1 = arms.get(f"k1_loss, beta={cfg['beta']:g}")
     if k1 is not None and exact in arms:
         lines.append(
@@ -569,7 +574,40 @@ def _reading(metrics):
     return "\n".join(lines)
 
 
+def _plateau(metrics) -> str:
+    """Where the learning curve of the arm with the best final return levels off (computed): the first
+    iteration whose 20-iteration running mean of the seed-mean return is within 5 of the final return."""
+    cfg, arms = metrics["config"], metrics["arms"]
+    best = max(arms, key=lambda n: arms[n]["final_return_mean"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        curve = np.nanmean(np.asarray(arms[best]["per_seed"]["return"], float), axis=0)
+    window = cfg["final_window_iterations"]
+    running = np.convolve(np.nan_to_num(curve, nan=-500.0), np.ones(window) / window, mode="valid")
+    final = arms[best]["final_return_mean"]
+    reached = int(np.argmax(running >= final - 5)) + window - 1 if np.any(running >= final - 5) else None
+    steps = np.asarray(metrics["env_steps"], float)
+    if reached is None:
+        return f"the best arm (`{best}`) has not levelled off within 5 of its final return."
+    return (f"the best arm's (`{best}`) learning curve levels off at {final:.0f} (within 5) after about "
+            f"{steps[reached] / 1000:.0f} thousand of the {steps[-1] / 1000:.0f} thousand steps, so the later "
+            "iterations measure where arms settle, and the return averaged over training how fast they get there.")
+
+
+def _nulls_to_nan(value):
+    """metrics.json stores NaN (a diverged seed's entropy or beta) as null: back to NaN, so that the nan-aware
+    summaries below leave it out instead of failing on None."""
+    if value is None:
+        return float("nan")
+    if isinstance(value, dict):
+        return {k: _nulls_to_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nulls_to_nan(v) for v in value]
+    return value
+
+
 def report(metrics: dict, rel_dir) -> str:
+    metrics = {**_nulls_to_nan(metrics), "config": metrics["config"]}
     cfg, arms = metrics["config"], metrics["arms"]
     rows = [[name, float(np.mean(r["mean_return_per_seed"])), _interval(r, "mean_return"), r["final_return_mean"],
              _interval(r, "final_return"), r["median_kl_to_old"], r["median_penalty_value"],
@@ -585,7 +623,7 @@ def report(metrics: dict, rel_dir) -> str:
     return (
         f"gymnax `{cfg['env']}` ({cfg['num_actions']} actions, reward -1 per step, 500-step limit): chosen because "
         f"its three actions make the KL to the old policy a sum the sampled k1/k3 only estimate, and because its "
-        f"return keeps improving over the first 10^5 steps instead of capping at a maximum like CartPole's 500. "
+        f"return has no fixed maximum like CartPole's 500 (an episode ends at the swing-up); {_plateau(metrics)} "
         f"{cfg['num_seeds']} seeds per arm x {cfg['num_iterations']} iterations x {cfg['num_envs']} envs x "
         f"{cfg['num_steps']} steps ({cfg['env_steps_per_run']} env steps per run), {cfg['num_epochs']} epochs x "
         f"{cfg['num_minibatches']} minibatches, Adam {cfg['learning_rate']:g}; penalties are kljax.policy's "

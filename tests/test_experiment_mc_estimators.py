@@ -115,3 +115,15 @@ def test_k1_spread_matches_closed_form(run):
                 assert cell["std"] == pytest.approx(expected, rel=tolerance), (pair["mu"], pair["sigma"], cell)
         rmse = [c["rmse"] for c in pair["estimators"]["k1"]]
         assert rmse[-1] < rmse[0] / 10  # 1000x the samples: ~sqrt(1000) less error
+
+
+def test_a_deviation_shared_by_every_estimator_on_the_same_draws_is_not_called_a_bias():
+    # full scale (mu = 0.1, sigma = 1): k3, k2 (from its exact expectation) and reverse_k3 all read +6.5e-6
+    def cell(bias):
+        return [{"bias": bias}]
+
+    pair = {"kl": 0.005, "k2_expectation": 0.0050125,
+            "estimators": {"k3": cell(6.5e-6), "k2": cell(1.25e-5 + 6.6e-6), "reverse_k3": cell(6.4e-6)}}
+    assert "not a bias of the estimator" in mc_estimators._shared_deviation(pair, "k3")
+    pair["estimators"]["reverse_k3"] = cell(-1e-6)  # not shared: then it is the estimator's
+    assert mc_estimators._shared_deviation(pair, "k3").endswith(": a bias.")

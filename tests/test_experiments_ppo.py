@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from experiments import _stats, ppo_kl
+from experiments import _common, _stats, ppo_kl
 from kljax import discrete
 
 
@@ -95,3 +95,16 @@ def test_small_run_wiring(tmp_path):
     assert "ppo_kl.png" in text and "significant" in text
     for figure in ("ppo_kl", "ppo_kl_final_return", "ppo_kl_mean_return"):
         assert (tmp_path / f"{figure}.png").is_file()
+    assert "levels off" in text or "has not levelled off" in text
+
+    # A diverged seed (full scale: k1_loss with the adaptive rule) has NaN entropy and KL, which metrics.json
+    # stores as null: the report from the saved file leaves them out and says so instead of failing.
+    saved = _common.load_metrics(tmp_path)
+    arm = saved["arms"]["k1_loss, beta=1"]
+    arm["final_entropy_per_seed"][0] = None
+    arm["final_return_per_seed"] = [-500.0] * len(arm["final_return_per_seed"])
+    row = next(r for r in saved["comparisons"] if r["a"] == "k1_loss, beta=1")
+    row["kl_ratio"], row["kl_p"] = None, None
+    text = ppo_kl.report(saved, "ppo_kl")
+    assert "1 diverged (its policy's entropy is not finite)" in text
+    assert "no ratio or test (a diverged seed's KL is not finite)" in text
