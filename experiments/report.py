@@ -66,14 +66,36 @@ def _run_one(name: str, quick: bool, out: str) -> tuple[str, str, float]:
     return status, body, seconds
 
 
+def _flags(module, config: dict, scale: str) -> str:
+    """The flags that reproduce ``config`` (saved in metrics) from the module's ``Config`` at ``scale``."""
+    import dataclasses
+
+    if not hasattr(module, "Config"):
+        return ""
+    base = module.Config.quick() if scale == "quick" else module.Config()
+    flags = []
+    for field in dataclasses.fields(base):
+        if field.name not in config:
+            continue
+        value, default = config[field.name], getattr(base, field.name)
+        if isinstance(default, tuple):
+            default = list(default)
+        if value != default:
+            text = ",".join(str(v) for v in value) if isinstance(value, list) else str(value).lower() \
+                if isinstance(value, bool) else str(value)
+            flags.append(f"--{field.name.replace('_', '-')} {text}")
+    return " ".join(flags) + " " if flags else ""
+
+
 def _render_one(name: str, out: str) -> tuple[str, str, float, str]:
-    """Renders one experiment's section from ``OUT/NAME/metrics.json``: (status, body, seconds, scale)."""
+    """Renders one experiment's section from ``OUT/NAME/metrics.json``: (status, body, seconds, scale,
+    the flags that differed from the scale's ``Config``)."""
     from experiments import _common
 
     module = importlib.import_module(f"experiments.{name}")
     out_dir = pathlib.Path(out) / name
     if not (out_dir / "metrics.json").exists():
-        return "NOT RUN", f"No `{out_dir / 'metrics.json'}`: this experiment was not run.\n", float("nan"), "?"
+        return "NOT RUN", f"No `{out_dir / 'metrics.json'}`: this experiment was not run.\n", float("nan"), "?", ""
     run = json.loads((out_dir / "run.json").read_text()) if (out_dir / "run.json").exists() else {}
     metrics = _common.load_metrics(out_dir)
     scale = run.get("scale") or ("quick" if metrics.get("config", {}).get("quick") else "full")
@@ -81,7 +103,7 @@ def _render_one(name: str, out: str) -> tuple[str, str, float, str]:
         body, status = module.report(metrics, pathlib.Path(name)), run.get("status", "ok")
     except Exception:  # noqa: BLE001 - as in a run: say what failed and go on
         body, status = "**Rendering failed:**\n\n```\n" + traceback.format_exc() + "```\n", "FAILED"
-    return status, body, float(run.get("seconds", float("nan"))), scale
+    return status, body, float(run.get("seconds", float("nan"))), scale, _flags(module, metrics.get("config", {}), scale)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
             outcomes = list(pool.map(_run_one, names, [args.quick] * len(names), [str(args.out)] * len(names)))
-    outcomes = [(*outcome, scale) for outcome in outcomes]
+    outcomes = [(*outcome, scale, "") for outcome in outcomes]
     return _write(args, modules, names, outcomes, scale, rendered_from=False)
 
 
@@ -134,14 +156,14 @@ def _write(args, modules, names, outcomes, scale: str, *, rendered_from: bool) -
     import jax
 
     sections, summary_rows, failures = [], [], []
-    for module, name, (status, body, seconds, its_scale) in zip(modules, names, outcomes):
+    for module, name, (status, body, seconds, its_scale, flags) in zip(modules, names, outcomes):
         out_dir = args.out / name
         if status != "ok":
             failures.append(name)
         timing = f"{seconds:.1f}" if seconds == seconds else "n/a"
         summary_rows.append(f"| [{module.TITLE}](#{name}) | `{name}` | {status} | {timing} |")
         sections.append(f'<a id="{name}"></a>\n## {module.TITLE}\n\n'
-                        f"`python -m experiments.{name} {'--quick ' if its_scale == 'quick' else ''}--out {out_dir}`"
+                        f"`python -m experiments.{name} {'--quick ' if its_scale == 'quick' else ''}{flags}--out {out_dir}`"
                         f" ({timing} s)\n\n{body.strip()}\n")
 
     header = (

@@ -269,7 +269,7 @@ def run(config: Config, *, show_progress: bool = False) -> dict:
         optima_found.append({"separation": a, "optima": groups})
 
     metrics = {
-        "config": {**dataclasses.asdict(config), "num_inits": 2 * config.num_inits},
+        "config": {**dataclasses.asdict(config), "initialisations": 2 * config.num_inits},
         "results": results,
         "reverse_optima_found": optima_found,
     }
@@ -439,7 +439,7 @@ def report(metrics: dict, rel_dir) -> str:
         optima.append(f"- a = {found['separation']:g}: {described}")
     return (
         "One Gaussian fitted to 0.5 N(-a, 1) + 0.5 N(a, 1); forward KL by stochastic gradients, reverse KL "
-        f"from {metrics['config']['num_inits']} initialisations (each seed's best optimum), "
+        f"from {metrics['config'].get('initialisations', metrics['config']['num_inits'])} initialisations (each seed's best optimum), "
         f"{metrics['config']['seeds']} seeds; fits are seed means ± their 95% t interval. The k1 and k3 checks "
         "are of the best q over all seeds (± the estimate's standard error).\n\n"
         f"{table}\n\n**Reading** (computed from the fits):\n\n"

@@ -55,3 +55,25 @@ def test_render_refuses_quick_and_a_missing_folder(tmp_path, fake_study):
         report.main(["--render", "--quick", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
         report.main(["--render", "--out", str(tmp_path / "absent")])
+
+
+def test_render_states_the_flags_that_differ_from_the_scale(tmp_path, fake_study):
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        repeats: int = 30
+        sizes: tuple[int, ...] = (10, 20)
+        fast: bool = False
+
+        @classmethod
+        def quick(cls):
+            return cls(repeats=4)
+
+    fake_study.Config = Config
+    _common.save_metrics(tmp_path / "fake_study", {"config": {"repeats": 12, "sizes": [10, 20, 50], "fast": True,
+                                                              "quick": False}, "value": 1.0})
+    assert report.main(["--render", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "REPORT.md").read_text()
+    assert "`python -m experiments.fake_study --repeats 12 --sizes 10,20,50 --fast true --out " in text
+    assert "at the full scale" in text
