@@ -484,3 +484,13 @@ def test_vae_stl_term_has_the_value_of_k1_and_its_expected_gradient():
     difference = np.asarray(stl - k1)
     stderr = difference.std(axis=0, ddof=1) / math.sqrt(difference.shape[0])
     np.testing.assert_array_less(np.abs(difference.mean(axis=0)), 5 * stderr + 1e-12)
+
+
+def test_vae_reading_applies_holm():
+    rows = [{"latent": 2, "a": "closed_form", "b": "stl", "difference": -0.13, "p_value": 0.001},
+            {"latent": 8, "a": "closed_form", "b": "stl", "difference": -0.04, "p_value": 0.047},
+            {"latent": 16, "a": "closed_form", "b": "stl", "difference": 0.01, "p_value": 0.6}]
+    lines = vae_digits._reading({"comparisons": rows}).splitlines()
+    assert "stl is higher by 0.13 nats (p = 0.001, Holm 0.003)" in lines[0]
+    assert "significant alone but not after Holm's correction" in lines[1]
+    assert "no significant difference" in lines[2]
