@@ -641,7 +641,7 @@ class KnnGraphKL:
         >>> from kljax.drift import KnnGraphKL, permutation_test
         >>> kx, ky = jax.random.split(jax.random.key(0))
         >>> x = jax.random.normal(kx, (300, 2))
-        >>> y = jax.random.normal(ky, (300, 2)) + 0.3
+        >>> y = jax.random.normal(ky, (300, 2)) + 1.0
         >>> statistic, p_value = permutation_test(jax.random.key(1), KnnGraphKL(), x, y, num_permutations=99)
         >>> float(p_value)
         0.01

@@ -648,6 +648,7 @@ NOT_ESTIMATORS = {
     "drift.EnergyDistance": "a statistic value (frozen dataclass): exercised by the energy rows",
     "drift.ClassifierKL": "a statistic value (frozen dataclass): exercised by the classifier rows",
     "drift.GaussianKL": "a statistic value (frozen dataclass): exercised by the gaussian rows",
+    "drift.KnnGraphKL": "a statistic value (frozen dataclass): jit, vmap, float32, bad input and its fast permutation path against a fresh search are in test_drift.py",
     "drift.expected_windows_to_false_alarm": "a formula of two Python options (alpha, consecutive), no arrays",
     **{f"plot.{name}": "draws a figure or summarises repeats with NumPy (tests/test_plot.py)" for name in plot.__all__},
     "ratio.KL_METHODS": "a tuple of names",
