@@ -436,7 +436,7 @@ class KnnKL:
         x, y = jnp.where(jnp.isfinite(x), x, 0), jnp.where(jnp.isfinite(y), y, 0)  # bad input: NaN (valid)
         pooled = jnp.concatenate([x, y], axis=0)
         length = self.list_length(x.shape[0], y.shape[0])
-        distances, indices = knn.neighbors(pooled, pooled, length, exclude_self=True, method="brute")
+        distances, indices = _pooled_lists(pooled, length)
         # the tie policy's limits, from the pooled lists (label-free: the same for every split); under
         # jit, where check() cannot run, data beyond them give NaN
         discrete = _looks_discrete(distances)
@@ -680,16 +680,10 @@ class KnnGraphKL:
         pooled = jnp.concatenate([x, y], axis=0).reshape(n + m, -1)
         pooled = jnp.where(jnp.isfinite(pooled), pooled, 0)  # bad input: NaN (valid)
         length = self.list_length(n, m)
+        distances, graph = _pooled_lists(pooled, length)
         if 16 * length > n + m:
-            # dense: one matrix product per chunk beats the gather 20-30x; lax.top_k of the exact distance
-            # matrix (ties: the smaller index first, as kljax.knn.neighbors) is 3x faster than the
-            # certified search for K = N / 3 (XLA:CPU's full sort is slower still)
-            all_distances = _pairwise_distances(pooled).at[jnp.arange(n + m), jnp.arange(n + m)].set(jnp.inf)
-            distances, indices = jax.lax.top_k(-all_distances, length)
-            distances = -distances
-            graph = jnp.zeros((n + m, n + m), pooled.dtype).at[jnp.arange(n + m)[:, None], indices].set(1)
-        else:
-            distances, graph = knn.neighbors(pooled, pooled, length, exclude_self=True, method="brute")
+            # dense: one matrix product per chunk beats the gather 20-30x
+            graph = jnp.zeros((n + m, n + m), pooled.dtype).at[jnp.arange(n + m)[:, None], graph].set(1)
         return graph, length, _looks_discrete(distances), jnp.zeros((), pooled.dtype)
 
     def counts(self, graph, is_x, dtype):
@@ -1122,6 +1116,23 @@ def _fit_logistic(design, label, weight, penalty):
         return beta + length * direction, None
 
     return jax.lax.scan(step, jnp.zeros(design.shape[1], dtype), None, length=_NEWTON_STEPS)[0]
+
+
+_DENSE_LISTS_MAX_POINTS = 8192  # the (N, N) distance matrix of _pooled_lists: 256 MiB in float32
+
+
+def _pooled_lists(pooled: jax.Array, length: int) -> tuple[jax.Array, jax.Array]:
+    """Each pooled point's ``length`` nearest other pooled points: (distances, indices), ascending.
+
+    For long lists (``length`` > N / 16, N <= _DENSE_LISTS_MAX_POINTS), ``lax.top_k`` of the exact
+    distance matrix (ties: the smaller index first, as :func:`kljax.knn.neighbors`): 2-4x faster than
+    the certified tiled search there (XLA:CPU's full sort is slower still); else that search."""
+    size = pooled.shape[0]
+    if 16 * length > size and size <= _DENSE_LISTS_MAX_POINTS:
+        all_distances = _pairwise_distances(pooled).at[jnp.arange(size), jnp.arange(size)].set(jnp.inf)
+        distances, indices = jax.lax.top_k(-all_distances, length)
+        return -distances, indices
+    return knn.neighbors(pooled, pooled, length, exclude_self=True, method="brute")
 
 
 def _pairwise_distances(points: jax.Array) -> jax.Array:
