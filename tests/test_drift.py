@@ -186,6 +186,24 @@ def test_knn_neighbour_lists_equal_a_fresh_search_on_every_split():
     assert float(p_value) == pytest.approx(expected_p, abs=1e-12)
 
 
+def test_knn_short_lists_are_patched_by_a_fresh_search_or_give_nan(monkeypatch):
+    # Lists too short for some points (probability ~1e-9 per point at the real length; forced here):
+    # each such point is searched afresh, up to drift._PATCHED_ROWS per re-split; beyond that, NaN.
+    x, y = _samples(23, shift=0.2)
+    y = y.at[0].set(x[0])  # a copy, so the patch also counts copies
+    pooled = np.concatenate([np.asarray(x), np.asarray(y)])
+    labels = np.stack([np.random.default_rng(seed).permutation(N + M) < N for seed in range(40)])
+    for statistic in (KnnKL(3), KnnKL(2, symmetric=True)):
+        monkeypatch.setattr(KnnKL, "list_length", lambda self, n, m: 9)
+        fast = np.asarray(statistic.evaluate(statistic.prepare(x, y), jnp.asarray(labels)))
+        monkeypatch.undo()
+        direct = np.array([float(drift._statistic_only(statistic, jnp.asarray(pooled[lab]), jnp.asarray(pooled[~lab])))
+                           for lab in labels])
+        patched = ~np.isnan(fast)
+        assert 5 <= patched.sum() < len(labels)  # both outcomes occur
+        np.testing.assert_allclose(fast[patched], direct[patched], rtol=1e-12)
+
+
 def test_knn_copy_is_scored_by_the_tie_rule_eagerly_and_under_jit():
     # A point copied across the samples: with k = 1 every re-split keeping both copies apart had nu = 0
     # (log 0) before; knn's ties="auto" rule skips the copy and corrects the order (WKV 2009, Sec. III).
