@@ -54,12 +54,13 @@ Statistics:
     * :class:`KnnKL`: the Wang-Kulkarni-Verdu (2009, eq. 5) k-nearest-neighbour estimate of D(P_x || P_y)
       (optionally symmetrised, D(P_x||P_y) + D(P_y||P_x)). Fast permutation path for any k: a re-split
       only relabels the pooled points, so each point's neighbour list in the pool (K entries, from
-      :func:`kljax.knn.neighbors`) is computed once, and per re-split the k-th nearest point labelled x
-      and labelled y are read off the list with a cumulative count of labels: O(N K) per permutation,
-      whatever k and d. K is chosen so that a random relabelling leaves fewer than k points of one
-      label in a list with probability about 1e-9 per point; when it happens (and on the observed split
-      of a strong drift) that chunk of splits is recomputed exactly by brute force, so the result never
-      depends on K.
+      :func:`kljax.knn.neighbors`, or a top-k of the exact distance matrix for long lists) is computed
+      once, and per re-split the k-th nearest point labelled x and labelled y are read off the list with
+      a running count of labels (32 re-splits at a time, packed in the bits of a word): O(N K) per
+      permutation, whatever d. K is chosen so that a random relabelling leaves fewer than k points of
+      one label in a list with probability about 1e-9 per point; when it happens, those points are
+      searched afresh by brute force, so the result never depends on K. The observed split is read from
+      :func:`kljax.knn.neighbors` directly.
     * :class:`HistogramKL`: per-feature (marginal) histogram KL on fixed bin edges with a pseudocount
       (:func:`bin_edges`, :func:`feature_histogram_kl`); one p-value per feature.
     * :class:`CategoricalKL`: per-feature KL of category frequencies; codes outside the known
