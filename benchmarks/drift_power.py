@@ -19,6 +19,8 @@ the detection difficulty stays comparable across n:
                          mean moved by 0.5 s / sqrt(20) per feature (BBSD's setting)
 
 Rows are printed as JSON lines and written to ``--out`` after every cell (with the per-detector seconds).
+``--plot ROWS.json --figure FIG.png`` draws each KL detector's power against energy distance's, setting by
+setting, from such a file (``benchmarks/results/drift_power.json`` holds the README table's rows).
 """
 
 from __future__ import annotations
@@ -78,6 +80,53 @@ def sample(rng, shift: str, n: int, d: int, s: float):
     return x.astype(np.float32), y.astype(np.float32)
 
 
+LABELS = {"gaussian": "Gaussian KL", "gaussian_symmetric": "Gaussian KL, symmetric", "classifier": "classifier KL",
+          "knn10": "kNN KL, k = 10 (default)", "knn10_symmetric": "kNN KL, k = 10, symmetric",
+          "knn_graph": "kNN-graph KL"}
+
+
+def plot(rows: list[dict], path: str, baseline: str = "energy") -> None:
+    """One panel per detector: its power against the baseline's in every setting (marker: shift, colour: n);
+    a ring marks a setting where the two differ by a two-sided Fisher exact test at 0.05."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import scipy.stats
+
+    names = [name for name in LABELS if any(name in row for row in rows)]
+    markers = dict(zip(("mean", "scale", "correlation", "mixture", "few_features", "classifier_outputs"), "osD^vP"))
+    colours = {100: "tab:blue", 300: "tab:orange", 1000: "tab:green"}
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.4), sharey=True, squeeze=False)
+    for ax, name in zip(axes[0], names):
+        tally = {"better": 0, "worse": 0, "n.s.": 0}
+        for row in rows:
+            if name not in row or baseline not in row or row["shift"] == "null":
+                continue
+            repeats = row["repeats"]
+            a, b = round(row[name] * repeats), round(row[baseline] * repeats)
+            p_value = scipy.stats.fisher_exact([[a, repeats - a], [b, repeats - b]])[1]
+            verdict = "n.s." if p_value > 0.05 else ("better" if a > b else "worse")
+            tally[verdict] += 1
+            ax.scatter(row[baseline], row[name], marker=markers.get(row["shift"], "x"),
+                       color=colours.get(row["n"], "k"), s=28, alpha=0.8)
+            if verdict != "n.s.":
+                ax.scatter(row[baseline], row[name], marker="o", s=130, facecolors="none", edgecolors="k", lw=0.8)
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+        ax.set(xlim=(-0.04, 1.04), ylim=(-0.04, 1.04), xlabel=f"{baseline} distance power" if baseline == "energy"
+               else f"{baseline} power", title=f"{LABELS[name]}\nbetter {tally['better']}, worse {tally['worse']}, "
+               f"n.s. {tally['n.s.']}")
+        ax.title.set_fontsize(9)
+    axes[0][0].set_ylabel("detector power at alpha = 0.05")
+    handles = ([plt.Line2D([], [], ls="", marker=m, color="k", label=s) for s, m in markers.items()]
+               + [plt.Line2D([], [], ls="", marker="o", color=c, label=f"n = {n}") for n, c in colours.items()]
+               + [plt.Line2D([], [], ls="", marker="o", mfc="none", mec="k", ms=10, label="Fisher p <= 0.05")])
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.drift_power", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,7 +137,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--null-repeats", type=int, default=30)
     parser.add_argument("--permutations", type=int, default=99)
     parser.add_argument("--out", default=None, help="JSON file for the rows")
+    parser.add_argument("--plot", default=None, help="draw --figure from this JSON file of rows and stop")
+    parser.add_argument("--figure", default="drift_power.png", help="figure file for --plot")
     args = parser.parse_args(argv)
+    if args.plot:
+        with open(args.plot) as f:
+            rows = json.load(f)["rows"]
+        plot(rows, args.figure)
+        print(f"wrote {args.figure}")
+        return rows
     cells = CELLS if not args.cells else [(c.split(":")[0], int(c.split(":")[1])) for c in args.cells.split(",")]
     detectors = {name: DETECTORS[name] for name in args.detectors.split(",")}
     programs = {}
