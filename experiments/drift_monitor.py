@@ -445,6 +445,11 @@ def reading(metrics: dict) -> list[str]:
                        s for s in harmless if power[s]["bbsd_kl"][large]["wilson95"][0] <= ALPHA)
                       if any(power[s]["bbsd_kl"][large]["wilson95"][0] <= ALPHA for s in harmless)
                       else "flags every one of them too"))
+    harmful = [s for s in SHIFTS[1:] if harm[s]["verdict"] == "harmful"]
+    missed = {s: [LABELS[n] for n in DETECTORS if power[s][n][large]["wilson95"][0] <= ALPHA] for s in harmful}
+    if any(missed.values()):
+        out.append("harmful shifts missed (power not above alpha beyond noise at m = "
+                   f"{large}): " + "; ".join(f"{s}: {', '.join(v)}" for s, v in missed.items() if v))
     for stream in metrics["streams"]:
         low, high = stream["mean_interval"][1], stream["mean_interval"][2]
         out.append(f"DriftMonitor at alpha = {stream['alpha']}, {stream['consecutive']} in a row: "
