@@ -20,7 +20,7 @@ the detection difficulty stays comparable across n:
 
 Rows are printed as JSON lines and written to ``--out`` after every cell (with the per-detector seconds).
 ``--plot ROWS.json --figure FIG.png`` draws each KL detector's power against energy distance's, setting by
-setting, from such a file (``benchmarks/results/drift_power.json`` holds the README table's rows).
+setting, from such a file (``reports/drift_power/drift_power.json`` holds the README table's rows).
 """
 
 from __future__ import annotations
