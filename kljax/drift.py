@@ -612,7 +612,7 @@ class KnnGraphKL:
     """The plug-in KL of the pooled kNN graph's density ratio (a kNN-classifier KL) as a statistic.
 
     Every pooled point z_i gets its K nearest other pooled points (the kNN graph, built once by
-    :func:`kljax.knn.neighbors`, or for K > N / 16 by a top-k of the exact distance matrix); c_x(i) and c_y(i) = K - c_x(i) count those labelled x and y. The
+    :func:`kljax.knn.neighbors`, or for K > N / 16 and N <= 8192 by a top-k of the exact distance matrix); c_x(i) and c_y(i) = K - c_x(i) count those labelled x and y. The
     ratio of the two counts, each over the other points of its label, estimates p_x / p_y at z_i, and
 
         D = 1/n sum_{i in x} log[(c_x(i) + a) / (c_y(i) + a)] + log(m / (n - 1)),
